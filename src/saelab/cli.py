@@ -1,0 +1,108 @@
+"""`saelab <verb>`: a thin layer over the Python API.
+
+Every user mistake surfaces as one line ``error: ...`` and a non-zero exit code.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from saelab.cliargs import add_dataclass_args, build
+from saelab.config import EvalConfig, HarvestConfig, RunConfig
+from saelab.errors import SaelabError
+
+EXIT_USER_ERROR = 2
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="saelab",
+        description="Sparse dictionary learning on language-model activations.",
+    )
+    sub = p.add_subparsers(dest="verb", required=True, metavar="VERB")
+
+    t = sub.add_parser(
+        "train", help="harvest (or reuse) activations, train an SAE, evaluate it, save it",
+        description="Train an SAE end to end. With no flags: Gated SAE on the embedded "
+                    "SmolLM2-135M-Instruct (blocks.12.hook_resid_post) over the embedded news "
+                    "corpus; writes the run folder given by --out.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    add_dataclass_args(t, RunConfig)
+    t.add_argument("--quiet", action="store_true", help="no progress bars")
+
+    h = sub.add_parser("harvest", help="write LM activations at a hook into an activation store")
+    add_dataclass_args(h, HarvestConfig)
+    h.add_argument("--quiet", action="store_true", help="no progress bars")
+
+    e = sub.add_parser("eval", help="evaluate a trained run (or a saved SAE folder) again")
+    e.add_argument("run", help="run folder written by `saelab train` (or an SAE folder)")
+    add_dataclass_args(e, EvalConfig)
+    e.add_argument("--skip-ce", action="store_true", help="skip the LM-splice CE/KL metrics")
+    e.add_argument("--quiet", action="store_true", help="no progress bars")
+
+    sub.add_parser("archs", help="list SAE architectures")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    try:
+        return _dispatch(args)
+    except SaelabError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return EXIT_USER_ERROR
+    except KeyboardInterrupt:
+        print("interrupted: rerun the same command with --resume to continue", file=sys.stderr)
+        return 130
+
+
+def _dispatch(args: argparse.Namespace) -> int:
+    progress = not getattr(args, "quiet", False)
+    if args.verb == "archs":
+        from saelab.saes.registry import architectures
+
+        for name, cls in sorted(architectures().items()):
+            doc = (cls.__doc__ or sys.modules[cls.__module__].__doc__ or "").strip().splitlines()[0]
+            flag = "" if cls.trainable else "  [inference/loading only]"
+            print(f"{name:10s} {doc}{flag}")
+        return 0
+    if args.verb == "train":
+        from saelab.pipeline import train_run
+        from saelab.report.table import summary_table
+
+        cfg = build(RunConfig, args)
+        cfg.validate()
+        summary = train_run(cfg, progress=progress)
+        print(summary_table(summary.metrics,
+                            title=f"\n{cfg.sae.architecture} SAE, d_sae {cfg.sae.d_sae} — held-out eval"))
+        print(f"\nrun folder: {summary.run_dir}  (SAE in {summary.run_dir / 'sae'}, "
+              f"metrics.json, metrics.jsonl, feature_density.png)")
+        return 0
+    if args.verb == "harvest":
+        from saelab.harvest import harvest
+
+        cfg = build(HarvestConfig, args)
+        cfg.validate()
+        store = harvest(cfg, progress=progress)
+        print(f"store: {store.path}  rows {store.num_rows:,}  d_in {store.d_in}  "
+              f"hook {store.hook}  model {store.model}")
+        return 0
+    if args.verb == "eval":
+        from saelab.pipeline import evaluate_run
+        from saelab.report.table import summary_table
+
+        ecfg = build(EvalConfig, args)
+        ecfg.validate()
+        metrics = evaluate_run(Path(args.run), ecfg, skip_ce=args.skip_ce, progress=progress)
+        print(summary_table(metrics, title=f"held-out eval of {args.run}"))
+        print(json.dumps({k: metrics[k] for k in ("l0", "fvu") if k in metrics}))
+        return 0
+    raise AssertionError(args.verb)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

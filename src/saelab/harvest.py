@@ -1,0 +1,198 @@
+"""Run an LM over a corpus and write the activations at one hook point to an activation store.
+
+Resumable and idempotent: a folder holding a complete store with the same settings is reused
+without loading the model; an incomplete one is continued after its last complete shard (the
+LM never reruns the windows already stored); a folder holding anything else is refused.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import time
+import warnings
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import torch
+from torch import Tensor
+from tqdm.auto import tqdm
+
+from saelab.config import EMBEDDED, HarvestConfig
+from saelab.data.store import DTYPES, MANIFEST, ActivationStore, StoreSpec, StoreWriter
+from saelab.errors import SaelabError, StoreError
+
+if TYPE_CHECKING:
+    from saelab.models.loading import LoadedModel
+
+log = logging.getLogger(__name__)
+
+
+def _local_or_name(s: str) -> str:
+    """A local path resolved (so ./x and /abs/x match), anything else unchanged."""
+    p = Path(s).expanduser()
+    return str(p.resolve()) if s != EMBEDDED and p.exists() else s
+
+
+def _data_settings(cfg: HarvestConfig) -> dict:
+    d = cfg.data
+    return {
+        "dataset": _local_or_name(d.dataset),
+        "text_column": d.text_column,
+        "eval_fraction": d.eval_fraction,
+        "split": cfg.split,
+        "context_size": d.context_size,
+        "prepend_bos": d.prepend_bos,
+        "exclude_first_positions": d.exclude_first_positions,
+        "exclude_special_tokens": d.exclude_special_tokens,
+        "dtype": cfg.store_dtype,
+    }
+
+
+def _check_same_settings(store: ActivationStore, cfg: HarvestConfig) -> None:
+    """Refuse a store made with other settings, without loading the model."""
+    from saelab.models.hooks import parse_hook
+
+    m = store.manifest
+    diffs = [
+        f"{k}={m.get(k)!r} (asked {v!r})" for k, v in _data_settings(cfg).items() if m.get(k) != v
+    ]
+    if _local_or_name(cfg.model.model) not in (m.get("model"), m.get("model_spec")):
+        diffs.append(f"model={m['model']!r} (asked {cfg.model.model!r})")
+    try:
+        hook = parse_hook(cfg.model.hook, int(m.get("n_layers", 0))).name
+    except SaelabError:
+        hook = cfg.model.hook
+    if hook != store.hook:
+        diffs.append(f"hook={store.hook!r} (asked {cfg.model.hook!r})")
+    if diffs:
+        raise StoreError(
+            f"{store.path} already holds an activation store made with other settings: "
+            f"{'; '.join(diffs)}: pass another --out folder (nothing was overwritten)"
+        )
+
+
+def _existing(path: Path) -> ActivationStore | None:
+    if (path / MANIFEST).exists():
+        return ActivationStore.open(path)
+    if path.exists() and (not path.is_dir() or any(path.iterdir())):
+        raise StoreError(
+            f"{path} exists and is not an activation store (no {MANIFEST}): refusing to "
+            f"overwrite it; pass an empty or new --out folder"
+        )
+    return None
+
+
+def _truncate(keep_BT: Tensor, need: int) -> tuple[Tensor, int]:
+    """Keep only the first ``need`` kept positions; also return how many windows they span."""
+    flat = keep_BT.flatten()
+    cum = flat.cumsum(0)
+    if len(cum) == 0 or int(cum[-1]) <= need:
+        return keep_BT, len(keep_BT)
+    last = int(torch.searchsorted(cum, need))  # flat index of the need-th kept position
+    return (flat & (cum <= need)).view_as(keep_BT), last // keep_BT.shape[1] + 1
+
+
+def harvest(
+    cfg: HarvestConfig, progress: bool = True, lm: LoadedModel | None = None
+) -> ActivationStore:
+    """Harvest ``cfg.tokens`` activation rows into ``cfg.store`` (or reuse/resume it).
+
+    ``lm``: an already loaded ``cfg.model`` (saves loading it twice); else loaded on demand.
+    """
+    cfg.validate()
+    path = Path(cfg.store)
+    store = _existing(path)
+    if store is not None:
+        _check_same_settings(store, cfg)
+        if store.complete and (store.num_rows >= cfg.tokens or store.exhausted):
+            if store.num_rows < cfg.tokens:
+                warnings.warn(
+                    f"reusing {path}: its corpus ran out at {store.num_rows:,} rows "
+                    f"(asked {cfg.tokens:,})",
+                    stacklevel=2,
+                )
+            return store
+
+    from saelab.data.corpus import iter_documents
+    from saelab.data.windows import batch_windows, iter_windows, keep_mask
+    from saelab.models.hooks import parse_hook, run_to_hook
+    from saelab.models.loading import load_model
+
+    lm = lm or load_model(cfg.model)
+    hook = parse_hook(cfg.model.hook, lm.n_layers)
+    data = _data_settings(cfg)
+    spec = StoreSpec(
+        model=lm.name,
+        hook=hook.name,
+        d_in=lm.d_model,
+        model_spec=_local_or_name(cfg.model.model),
+        n_layers=lm.n_layers,
+        model_dtype=str(lm.dtype).removeprefix("torch."),
+        **data,
+    )
+    writer = StoreWriter(path, spec, cfg.shard_rows, target_rows=cfg.tokens)
+    done, rows = writer.windows_done, writer.rows
+    if done:
+        log.info("resuming %s after %d windows (%d rows)", path, done, rows)
+
+    # Batches are aligned to multiples of lm_batch_size from window 0, so a resumed run feeds
+    # the LM exactly the batches an uninterrupted one would: bit-identical activations.
+    B, T = cfg.lm_batch_size, cfg.data.context_size
+    first = done // B * B
+    docs = iter_documents(cfg.data, cfg.split)
+    windows = itertools.islice(
+        iter_windows(docs, lm.tokenizer, T, cfg.data.prepend_bos), first, None
+    )
+    prev_seconds = writer.manifest.get("harvest_stats", {}).get("seconds", 0.0)
+    bar = tqdm(
+        total=cfg.tokens,
+        initial=rows,
+        unit="tok",
+        unit_scale=True,
+        disable=not progress,
+        desc=f"harvest {hook.name}",
+    )
+    start, start_rows, w_index = time.perf_counter(), rows, first
+    reached = rows >= cfg.tokens  # only after a crash between the last shard and finish()
+    try:
+        for windows_BT in () if reached else batch_windows(windows, B):
+            skip = max(0, done - w_index)  # windows of this batch already stored
+            w_index += len(windows_BT)
+            with torch.inference_mode():
+                acts_BTD = run_to_hook(lm.model, windows_BT.to(lm.device), hook)
+            keep_BT = keep_mask(
+                windows_BT,
+                lm.tokenizer,
+                cfg.data.exclude_first_positions,
+                cfg.data.exclude_special_tokens,
+            ).cpu()
+            keep_BT, n_win = _truncate(keep_BT[skip:], cfg.tokens - rows)
+            windows_BT, acts_BTD = windows_BT[skip : skip + n_win], acts_BTD[skip : skip + n_win]
+            keep_BT = keep_BT[:n_win]
+            # select and cast on the LM's device: one transfer of the kept rows only
+            acts_ND = acts_BTD[keep_BT.to(acts_BTD.device)].to(DTYPES[cfg.store_dtype])
+            writer.add(windows_BT, keep_BT, acts_ND)
+            rows += len(acts_ND)
+            bar.update(len(acts_ND))
+            elapsed = time.perf_counter() - start
+            writer.update(
+                harvest_stats={
+                    "seconds": prev_seconds + elapsed,
+                    "tokens_per_s": (rows - start_rows) / max(elapsed, 1e-9),
+                    "device": str(lm.device),
+                    "lm_batch_size": B,
+                }
+            )
+            if rows >= cfg.tokens:
+                reached = True
+                break
+    finally:
+        bar.close()
+    if not reached:
+        warnings.warn(
+            f"the corpus ran out after {rows:,} rows (asked {cfg.tokens:,}); the "
+            f"store at {path} holds what there is",
+            stacklevel=2,
+        )
+    return writer.finish(exhausted=not reached)

@@ -1,0 +1,234 @@
+"""`saelab train` end to end: store (harvest or reuse) → train → fold → evaluate → save.
+
+Each stage only reads what the previous one produced; the trainer sees activation batches only.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+import os
+import shutil
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+
+from saelab.config import HarvestConfig, RunConfig, from_dict
+from saelab.errors import RunFolderError
+from saelab.fsutil import atomic_write_json
+
+RUN_CONFIG = "run_config.json"
+SAE_DIR = "sae"
+
+
+def cache_root() -> Path:
+    return Path(os.environ.get("SAELAB_CACHE", Path.home() / ".cache" / "saelab"))
+
+
+def default_store_path(cfg: RunConfig, tokens: int) -> Path:
+    """A cached store keyed by everything that changes its contents."""
+    key = json.dumps({"model": cfg.model.model, "hook": cfg.model.hook,
+                      "dtype": cfg.model.model_dtype, "data": asdict(cfg.data),
+                      "tokens": tokens}, sort_keys=True)
+    digest = hashlib.sha1(key.encode()).hexdigest()[:12]
+    name = f"{Path(cfg.model.model).name}-{cfg.model.hook}-{tokens}-{digest}"
+    return cache_root() / "stores" / name
+
+
+@dataclass
+class RunSummary:
+    run_dir: Path
+    metrics: dict[str, float]
+    train_seconds: float
+    train_tokens_per_second: float
+    store_path: Path
+
+
+def prepare_run_dir(out: Path, resume: bool, overwrite: bool) -> None:
+    """Refuse to clobber: a folder holding a run needs --resume or --overwrite."""
+    if not out.exists():
+        if resume:
+            raise RunFolderError(f"--resume: {out} does not exist; run without --resume")
+        return
+    is_run = (out / RUN_CONFIG).exists()
+    has_files = any(out.iterdir())
+    if resume:
+        if not is_run:
+            raise RunFolderError(f"--resume: {out} holds no saelab run ({RUN_CONFIG} missing)")
+        return
+    if is_run and not overwrite:
+        raise RunFolderError(
+            f"{out} already holds a run: pass --resume to continue it or --overwrite to replace it"
+        )
+    if has_files and not is_run:
+        raise RunFolderError(
+            f"{out} is not empty and holds no saelab run: choose another --out (nothing was written)"
+        )
+    if overwrite and is_run:
+        shutil.rmtree(out)
+
+
+def resolve_store(cfg: RunConfig, lm, hook_name: str, progress: bool):
+    """Open ``cfg.store`` or harvest (or reuse) the cached store for this model/hook/corpus."""
+    from saelab.data.store import ActivationStore
+    from saelab.harvest import harvest
+
+    if cfg.store:
+        store = ActivationStore.open(cfg.store)
+    else:
+        tokens = cfg.harvest_tokens or cfg.train.tokens
+        path = default_store_path(cfg, tokens)
+        hcfg = HarvestConfig(model=cfg.model, data=cfg.data, store=str(path), tokens=tokens,
+                             split="train")
+        store = harvest(hcfg, progress=progress, lm=lm)
+    store.check_compatible(model=lm.name, hook=hook_name, d_in=lm.d_model)
+    return store
+
+
+def train_run(cfg: RunConfig, progress: bool = True, log=print) -> RunSummary:
+    """Run the whole main job. Raises a :class:`SaelabError` subclass on bad input."""
+    from saelab.data.stream import ActivationStream, estimate_norm_scale
+    from saelab.models.hooks import parse_hook
+    from saelab.models.loading import load_model
+    from saelab.runtime import parse_dtype, resolve_device, tune_malloc
+    from saelab.saes.registry import build_sae, get_family
+    from saelab.train.trainer import Trainer
+
+    out = Path(cfg.out)
+    prepare_run_dir(out, cfg.resume, cfg.overwrite)
+    if cfg.resume:
+        saved = from_dict(RunConfig, json.loads((out / RUN_CONFIG).read_text()))
+        saved.resume, saved.overwrite = True, False
+        cfg = saved
+    cfg.validate()
+    if not get_family(cfg.sae.architecture).trainable:
+        from saelab.errors import ConfigError
+
+        raise ConfigError(f"architecture {cfg.sae.architecture!r} cannot be trained yet")
+    tune_malloc()
+
+    lm = load_model(cfg.model)
+    hook = parse_hook(cfg.model.hook, lm.n_layers)
+    store = resolve_store(cfg, lm, hook.name, progress)
+    log(f"store: {store.path} ({store.num_rows:,} rows, d_in {store.d_in})")
+    if cfg.train.tokens > store.num_rows:
+        log(f"note: the budget of {cfg.train.tokens:,} tokens is "
+            f"{cfg.train.tokens / store.num_rows:.2f} passes over the store")
+
+    device = resolve_device(cfg.model.device)
+    sae_cfg = copy.deepcopy(cfg.sae)
+    sae_cfg.d_in = store.d_in
+    gen = torch.Generator().manual_seed(cfg.train.seed)
+    sae = build_sae(sae_cfg, device=device, dtype=parse_dtype(cfg.train.dtype), generator=gen)
+    drop = cfg.data.exclude_first_positions
+    scale = estimate_norm_scale(store, sae.cfg.normalize_activations, drop_positions_below=drop)
+
+    out.mkdir(parents=True, exist_ok=True)
+    if not cfg.resume:
+        atomic_write_json(out / RUN_CONFIG, asdict(cfg))
+    trainer = Trainer(sae, cfg.train, run_dir=out, input_scale=scale, progress=progress)
+    start = 0
+    if cfg.resume:
+        start = trainer.resume()
+        log(f"resuming at step {start}/{trainer.total_steps}")
+    else:
+        stream0 = ActivationStream(store, cfg.train.batch_size, cfg.train.shuffle_buffer_rows,
+                                   seed=cfg.train.seed, device=device, drop_positions_below=drop)
+        sae.init_from_data(stream0.sample(min(32_768, store.num_rows), seed=cfg.train.seed) * scale)
+    stream = ActivationStream(store, cfg.train.batch_size, cfg.train.shuffle_buffer_rows,
+                              seed=cfg.train.seed, device=device, start_batch=start,
+                              drop_positions_below=drop)
+    result = trainer.fit(iter(stream))
+    log(f"trained {result.steps} steps ({result.tokens:,} tokens) at "
+        f"{result.tokens_per_second:,.0f} tokens/s")
+
+    final = export_sae(sae, scale)
+    metrics = evaluate_and_save(final, lm, hook, cfg, out, progress=progress)
+    metrics["train_tokens_per_second"] = result.tokens_per_second
+    atomic_write_json(out / "metrics.json", metrics)
+    return RunSummary(out, metrics, result.seconds, result.tokens_per_second, Path(store.path))
+
+
+def export_sae(sae, input_scale: float):
+    """A copy that acts on raw activations: input scale folded in; decoder norms folded (N3)
+    for families trained without a norm constraint."""
+    final = copy.deepcopy(sae).eval()
+    final.fold_input_scale(input_scale)
+    if not final.unit_norm_decoder:
+        final.fold_decoder_norms()
+    for p in final.parameters():
+        p.requires_grad_(False)
+    return final
+
+
+def evaluate_and_save(sae, lm, hook, cfg: RunConfig, out: Path, progress: bool = True) -> dict:
+    from saelab.evals.evaluate import evaluate
+    from saelab.evals.metrics import log10_density
+    from saelab.io import save_sae
+    from saelab.report.plots import plot_density
+
+    t0 = time.perf_counter()
+    res = evaluate(sae, lm, hook, cfg.data, cfg.eval, skip_ce=cfg.skip_ce, progress=progress)
+    metrics = {**res.metrics, "eval_seconds": time.perf_counter() - t0}
+    meta = {
+        "model_name": lm.name,
+        "hook_name": hook.name,
+        "hook_head_index": None,
+        "context_size": cfg.data.context_size,
+        "prepend_bos": cfg.data.prepend_bos,
+        "dataset_path": cfg.data.dataset,
+        "exclude_first_positions": cfg.data.exclude_first_positions,
+    }
+    save_sae(sae, out / SAE_DIR, metadata=meta, sparsity_log10_F=log10_density(res.density_F),
+             metrics=metrics)
+    plot_density(res.density_F, out / "feature_density.png",
+                 title=f"{sae.architecture} · {hook.name} · L0 {metrics['l0']:.1f}")
+    atomic_write_json(out / "metrics.json", metrics)
+    return metrics
+
+
+def evaluate_run(path: Path, eval_cfg, skip_ce: bool = False, progress: bool = True) -> dict:
+    """`saelab eval`: re-evaluate a run folder (or a saved SAE folder) on held-out data."""
+    from saelab.config import DataConfig, ModelConfig
+    from saelab.io import load_sae, read_metadata
+    from saelab.models.hooks import parse_hook
+    from saelab.models.loading import load_model
+
+    path = Path(path)
+    if (path / RUN_CONFIG).exists():
+        cfg = from_dict(RunConfig, json.loads((path / RUN_CONFIG).read_text()))
+        sae_dir = path / SAE_DIR
+        if not (sae_dir / "cfg.json").exists():
+            raise RunFolderError(
+                f"{path} holds no finished SAE ({sae_dir}/cfg.json missing): finish training "
+                "with `saelab train --resume --out {path}`"
+            )
+    else:
+        # A bare SAE folder (ours or SAELens's): take the model/hook from its metadata.
+        meta = read_metadata(path).get("metadata", {})
+        name = meta.get("model_name") or ""
+        model = "embedded" if name == "SmolLM2-135M-Instruct" else name
+        data = DataConfig(context_size=int(meta.get("context_size") or 128),
+                          prepend_bos=bool(meta.get("prepend_bos", True)))
+        cfg = RunConfig(model=ModelConfig(model=model, hook=meta.get("hook_name") or ""),
+                        data=data, out=str(path))
+        sae_dir = path
+    cfg.eval, cfg.skip_ce = eval_cfg, skip_ce
+    lm = load_model(cfg.model)
+    hook = parse_hook(cfg.model.hook, lm.n_layers)
+    sae = load_sae(sae_dir, device=lm.device)
+    if sae_dir == path:  # bare SAE folder: leave its weights alone, write metrics beside them
+        from saelab.evals.evaluate import evaluate
+
+        res = evaluate(sae, lm, hook, cfg.data, cfg.eval, skip_ce=skip_ce, progress=progress)
+        atomic_write_json(path / "metrics.json", res.metrics)
+        return res.metrics
+    previous = json.loads((path / "metrics.json").read_text()) if (path / "metrics.json").exists() else {}
+    metrics = evaluate_and_save(sae, lm, hook, cfg, path, progress=progress)
+    # Training-time facts are not re-measured by an eval; keep them.
+    metrics.update({k: v for k, v in previous.items() if k.startswith("train_")})
+    atomic_write_json(path / "metrics.json", metrics)
+    return metrics

@@ -1,0 +1,36 @@
+"""Plots written next to a run's metrics (PNG, headless)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")  # headless: never needs a display
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def plot_density(density_F: Tensor, path: Path, title: str = "") -> Path:
+    """Histogram of log10 feature density (METHODS §13.2); dead latents collect at −10."""
+    plt = _pyplot()
+    logd = torch.log10(density_F.double() + 1e-10).numpy()
+    fig, ax = plt.subplots(figsize=(6, 3.5), dpi=120)
+    ax.hist(logd, bins=60, range=(-10.5, 0.5), color="#3b6ea8")
+    ax.axvline(-2, color="grey", ls=":", lw=1)
+    ax.set_xlabel("log10 feature density (fraction of tokens a latent fires on)")
+    ax.set_ylabel("latents")
+    dead = int((density_F == 0).sum())
+    ax.set_title(title or "feature density")
+    ax.text(0.02, 0.95, f"dead (never fired): {dead}", transform=ax.transAxes, va="top",
+            fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return Path(path)

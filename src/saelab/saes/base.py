@@ -1,0 +1,186 @@
+"""Parts every SAE family shares: parameters, decode, decoder-norm handling and folding.
+
+Conventions (METHODS.md §0.1): row-vector maths, ``W_enc`` is ``[d_in, d_sae]``, ``W_dec`` is
+``[d_sae, d_in]`` (row ``i`` is latent ``i``'s decoder direction). Parameter names follow
+SAELens so a saved state dict opens there unchanged.
+"""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar, NamedTuple
+
+import torch
+from torch import Tensor, nn
+
+from saelab.config import SAEConfig
+
+
+class SAEOutput(NamedTuple):
+    recon: Tensor
+    latents: Tensor
+
+
+class LossOutput(NamedTuple):
+    """A training loss plus what the trainer needs without recomputing the forward pass."""
+
+    total: Tensor
+    terms: dict[str, Tensor]
+    latents: Tensor  # [B, F], for dead-latent tracking and L0 logging
+    recon: Tensor  # [B, D]
+
+
+class SAE(nn.Module):
+    """Base class. Subclasses set ``architecture`` and implement ``encode`` and ``loss``.
+
+    Family-specific defaults live in ``defaults`` (filled into ``None`` config fields) and
+    ``train_defaults`` (learning rate, Adam beta1) so the CLI and API share one source.
+    """
+
+    architecture: ClassVar[str] = ""
+    #: the SAELens ``architecture`` this family saves as (None: not loadable by SAELens)
+    saelens_architecture: ClassVar[str | None] = None
+    trainable: ClassVar[bool] = True
+    defaults: ClassVar[dict[str, Any]] = {}
+    train_defaults: ClassVar[dict[str, Any]] = {}
+    variants: ClassVar[tuple[str, ...]] = ()
+
+    W_enc: nn.Parameter
+    W_dec: nn.Parameter
+    b_dec: nn.Parameter
+
+    def __init__(self, cfg: SAEConfig, device: torch.device | str | None = None,
+                 dtype: torch.dtype = torch.float32):
+        super().__init__()
+        self.cfg = self.resolve_config(cfg)
+        d_in, d_sae = self.cfg.d_in, self.cfg.d_sae
+        if d_in < 1:
+            raise ValueError("SAEConfig.d_in must be set (>= 1) before building an SAE")
+        kw = {"device": device, "dtype": dtype}
+        self.W_enc = nn.Parameter(torch.empty(d_in, d_sae, **kw))
+        self.W_dec = nn.Parameter(torch.empty(d_sae, d_in, **kw))
+        self.b_dec = nn.Parameter(torch.zeros(d_in, **kw))
+        #: steps over which the sparsity coefficient ramps up linearly (set by the trainer)
+        self.sparsity_warmup_steps = 0
+
+    # ---- configuration -------------------------------------------------------------------
+    @classmethod
+    def resolve_config(cls, cfg: SAEConfig) -> SAEConfig:
+        """Fill ``None`` fields with this family's defaults; returns a copy."""
+        import dataclasses
+
+        from saelab.errors import ConfigError
+
+        values = dataclasses.asdict(cfg)
+        for key, value in cls.defaults.items():
+            if values.get(key) is None:
+                values[key] = value(values) if callable(value) else value
+        if cls.variants and values["variant"] not in cls.variants:
+            raise ConfigError(
+                f"unknown variant {values['variant']!r} for {cls.architecture}: choose one of "
+                f"{', '.join(cls.variants)}"
+            )
+        return SAEConfig(**values)
+
+    @property
+    def d_in(self) -> int:
+        return self.cfg.d_in
+
+    @property
+    def d_sae(self) -> int:
+        return self.cfg.d_sae
+
+    @property
+    def unit_norm_decoder(self) -> bool:
+        """True if training keeps decoder rows at unit norm (N1)."""
+        return False
+
+    # ---- the SAE function ------------------------------------------------------------------
+    def encode(self, x_BD: Tensor) -> Tensor:
+        raise NotImplementedError
+
+    def decode(self, f_BF: Tensor) -> Tensor:
+        return f_BF @ self.W_dec + self.b_dec
+
+    def forward(self, x_BD: Tensor) -> SAEOutput:
+        f_BF = self.encode(x_BD)
+        return SAEOutput(self.decode(f_BF), f_BF)
+
+    def loss(self, x_BD: Tensor, step: int) -> LossOutput:
+        raise NotImplementedError(f"{self.architecture} SAEs are not trainable")
+
+    def sparsity_scale(self, step: int) -> float:
+        """Multiplier on the sparsity coefficient: linear warm-up (METHODS §0.8)."""
+        if self.sparsity_warmup_steps <= 0:
+            return 1.0
+        return min(1.0, (step + 1) / self.sparsity_warmup_steps)
+
+    def _input_for_encoder(self, x_BD: Tensor, W_DF: Tensor) -> Tensor:
+        """``(x - b_dec) @ W`` written as ``x @ W - b_dec @ W``.
+
+        Autograd then never forms d(x - b_dec): b_dec's encoder-side gradient is a vector-matrix
+        product instead of a full [B, D] matmul.
+        """
+        h_BF = x_BD @ W_DF
+        if self.cfg.apply_b_dec_to_input:
+            h_BF = h_BF - self.b_dec @ W_DF
+        return h_BF
+
+    # ---- decoder-norm handling (METHODS §0.4) ------------------------------------------------
+    def decoder_norms(self) -> Tensor:
+        return self.W_dec.norm(dim=1)
+
+    @torch.no_grad()
+    def normalize_decoder(self) -> None:
+        """N1 after the optimiser step: rows back to unit norm."""
+        self.W_dec.div_(self.W_dec.norm(dim=1, keepdim=True) + 1e-8)
+
+    @torch.no_grad()
+    def project_decoder_grad(self) -> None:
+        """N1 before the optimiser step: remove each row's gradient component along the row."""
+        g = self.W_dec.grad
+        if g is None:
+            return
+        d_hat = self.W_dec / (self.W_dec.norm(dim=1, keepdim=True) + 1e-8)
+        g.sub_((g * d_hat).sum(dim=1, keepdim=True) * d_hat)
+
+    @torch.no_grad()
+    def fold_decoder_norms(self) -> None:
+        """N3: make decoder rows unit-norm without changing the SAE function."""
+        raise NotImplementedError(f"{self.architecture} does not support folding")
+
+    @torch.no_grad()
+    def fold_input_scale(self, scale: float) -> None:
+        """The SAE was trained on ``scale * x``; rewrite it to act on raw ``x``.
+
+        Latents come out divided by ``scale``; the reconstruction is exactly ``recon(scale x)/scale``.
+        Every family divides its additive biases (and thresholds) by ``scale``.
+        """
+        for name in self.bias_names():
+            getattr(self, name).div_(scale)
+
+    def bias_names(self) -> tuple[str, ...]:
+        """Parameters/buffers measured in input units (divided by the input scale on folding)."""
+        return ("b_dec",)
+
+    # ---- init helpers (METHODS §0.7) ----------------------------------------------------------
+    @torch.no_grad()
+    def init_tied_(self, generator: torch.Generator | None, row_norm: float = 1.0) -> None:
+        """Kaiming-uniform decoder, rows rescaled to ``row_norm``; ``W_enc = W_dec^T``."""
+        w = torch.empty(self.d_sae, self.d_in, dtype=torch.float32)
+        bound = (6.0 / self.d_in) ** 0.5  # kaiming-uniform for a [d_sae, d_in] matrix, fan_in=d_in
+        w.uniform_(-bound, bound, generator=generator)
+        w *= row_norm / w.norm(dim=1, keepdim=True)
+        self.W_dec.copy_(w)
+        self.W_enc.copy_(w.T)
+
+    @torch.no_grad()
+    def init_from_data(self, x_ND: Tensor) -> None:
+        """Data-dependent initialisation (e.g. geometric-median b_dec); default: nothing."""
+
+    # ---- saving ---------------------------------------------------------------------------------
+    def saelens_extra_cfg(self) -> dict[str, Any]:
+        """Extra ``cfg.json`` fields this family needs (beyond d_in, d_sae, dtype, device)."""
+        return {"apply_b_dec_to_input": bool(self.cfg.apply_b_dec_to_input)}
+
+    def extra_repr(self) -> str:
+        return f"architecture={self.architecture!r}, d_in={self.d_in}, d_sae={self.d_sae}"

@@ -1,0 +1,115 @@
+"""Gated SAE (Rajamanoharan et al. 2024; METHODS.md §2) — saelab's flagship family.
+
+One shared encoder direction per latent (``W_enc`` = ``W_gate``); the magnitude path is
+``W_mag = exp(r_mag) ⊙ W_gate`` (§2.2), so one encoder matmul feeds both paths::
+
+    h       = (x − b_dec) W_enc
+    π_gate  = h + b_gate            f_gate = 1[π_gate > 0]
+    π_mag   = h·exp(r_mag) + b_mag  f      = f_gate ⊙ ReLU(π_mag)
+
+Variants:
+
+- ``paper`` (default, [P]): L1 on ``ReLU(π_gate)`` only; auxiliary reconstruction of
+  ``ReLU(π_gate)`` through a *frozen* copy of the decoder; unit-norm decoder rows with tangent
+  gradient projection (N1); Adam β1 = 0.
+- ``april`` ([C] SAELens / authors' later advice): gate L1 weighted by decoder norms, decoder
+  not frozen in the aux loss, no norm constraint.
+
+Losses are per-token SSE averaged over the batch on normalised inputs (``E‖x‖ = √d``), so λ is
+not the paper's number (the paper divides the L2 term by d).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from saelab.saes._gated_kernel import GatedEncode
+from saelab.saes.base import SAE, LossOutput
+from saelab.saes.registry import register
+
+
+@register
+class GatedSAE(SAE):
+    architecture = "gated"
+    saelens_architecture = "gated"
+    variants = ("paper", "april")
+    defaults = {
+        "variant": "paper",
+        "apply_b_dec_to_input": True,
+        "l1_coefficient": 3.0,
+    }
+    train_defaults = {"lr": 3e-4, "adam_beta1": 0.0}
+
+    def __init__(self, cfg, device=None, dtype=torch.float32):
+        super().__init__(cfg, device=device, dtype=dtype)
+        kw = {"device": device, "dtype": dtype}
+        self.b_gate = nn.Parameter(torch.zeros(self.d_sae, **kw))
+        self.r_mag = nn.Parameter(torch.zeros(self.d_sae, **kw))
+        self.b_mag = nn.Parameter(torch.zeros(self.d_sae, **kw))
+
+    @property
+    def unit_norm_decoder(self) -> bool:
+        return self.cfg.variant == "paper"
+
+    @torch.no_grad()
+    def reset_parameters(self, generator: torch.Generator | None = None) -> None:
+        # §2.4 [R]: random unit decoder rows, W_gate = W_decᵀ, r_mag = biases = 0.
+        self.init_tied_(generator, row_norm=1.0)
+        for p in (self.b_gate, self.r_mag, self.b_mag, self.b_dec):
+            p.zero_()
+
+    def _pre_acts(self, x_BD: Tensor) -> tuple[Tensor, Tensor]:
+        h_BF = self._input_for_encoder(x_BD, self.W_enc)
+        return h_BF + self.b_gate, torch.addcmul(self.b_mag, h_BF, self.r_mag.exp())
+
+    def encode(self, x_BD: Tensor) -> Tensor:
+        pi_gate_BF, pi_mag_BF = self._pre_acts(x_BD)
+        return torch.where(pi_gate_BF > 0, torch.relu(pi_mag_BF), 0.0)
+
+    def loss(self, x_BD: Tensor, step: int) -> LossOutput:
+        # The Heaviside gate passes no gradient: W_gate/b_gate learn only from L1 and aux.
+        f_BF, gate_BF = GatedEncode.apply(x_BD, self.W_enc, self.b_dec, self.b_gate, self.r_mag,
+                                          self.b_mag, bool(self.cfg.apply_b_dec_to_input))
+        recon_BD = self.decode(f_BF)
+        mse = (recon_BD - x_BD).pow(2).sum(-1).mean()
+
+        if self.cfg.variant == "paper":
+            sparsity = gate_BF.sum(-1).mean()
+            aux_recon_BD = gate_BF @ self.W_dec.detach() + self.b_dec.detach()
+        else:
+            sparsity = (gate_BF @ self.W_dec.norm(dim=1)).mean()
+            aux_recon_BD = self.decode(gate_BF)
+        aux = (aux_recon_BD - x_BD).pow(2).sum(-1).mean()
+
+        lam = self.cfg.l1_coefficient * self.sparsity_scale(step)
+        total = mse + lam * sparsity + aux
+        return LossOutput(total, {"mse": mse, "l1": sparsity, "aux": aux}, f_BF, recon_BD)
+
+    def bias_names(self) -> tuple[str, ...]:
+        return ("b_dec", "b_gate", "b_mag")
+
+    @torch.no_grad()
+    def fold_decoder_norms(self) -> None:
+        # §0.4 N3: scaling latent i by n_i leaves the gate's sign unchanged; r_mag is a ratio.
+        n_F = self.W_dec.norm(dim=1)
+        self.W_dec.div_(n_F[:, None])
+        self.W_enc.mul_(n_F[None, :])
+        self.b_gate.mul_(n_F)
+        self.b_mag.mul_(n_F)
+
+    @torch.no_grad()
+    def to_jumprelu(self):
+        """The exact JumpReLU SAE (§2.6): W_enc = W_mag, b_enc = b_mag, θ = max(b_mag − e^r b_gate, 0)."""
+        from saelab.saes.jumprelu import JumpReLUSAE
+
+        cfg = type(self.cfg)(**{**self.cfg.__dict__, "architecture": "jumprelu", "variant": None,
+                                "l1_coefficient": None})
+        jr = JumpReLUSAE(cfg, device=self.W_enc.device, dtype=self.W_enc.dtype)
+        scale_F = self.r_mag.exp()
+        jr.W_enc.copy_(self.W_enc * scale_F)
+        jr.b_enc.copy_(self.b_mag)
+        jr.threshold.copy_((self.b_mag - scale_F * self.b_gate).clamp_min(0.0))
+        jr.W_dec.copy_(self.W_dec)
+        jr.b_dec.copy_(self.b_dec)
+        return jr

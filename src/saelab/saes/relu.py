@@ -1,0 +1,94 @@
+"""ReLU SAE with an L1 penalty (METHODS.md §1), in two variants.
+
+- ``april`` (default; Anthropic April-2024 update, [R]): no pre-encoder bias, sparsity penalty
+  ``λ Σ_i f_i ‖d_i‖`` with no decoder-norm constraint (N2), decoder rows initialised at norm
+  ``init_decoder_norm`` (0.1, as SAELens and dictionary_learning), ``W_enc = W_decᵀ``.
+- ``tm`` (Towards Monosemanticity): ``b_dec`` subtracted before encoding, plain L1 with unit-norm
+  decoder rows (N1), ``b_dec`` initialised to the geometric median of a data sample. Neuron
+  resampling (§1.4, [U] in detail) is not implemented yet.
+
+Loss scale: per-token SSE averaged over the batch, on inputs normalised so that
+``E‖x‖ = √d`` by default (§0.3); the default ``λ`` assumes that scale.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from saelab.saes.base import SAE, LossOutput
+from saelab.saes.registry import register
+
+
+def geometric_median(x_ND: Tensor, iters: int = 100, tol: float = 1e-5) -> Tensor:
+    """Weiszfeld iteration (METHODS §0.7)."""
+    y_D = x_ND.mean(0)
+    for _ in range(iters):
+        w_N = 1.0 / (x_ND - y_D).norm(dim=1).clamp_min(1e-8)
+        y_new = (w_N[:, None] * x_ND).sum(0) / w_N.sum()
+        if (y_new - y_D).norm() <= tol * y_D.norm().clamp_min(1e-8):
+            return y_new
+        y_D = y_new
+    return y_D
+
+
+@register
+class ReLUSAE(SAE):
+    architecture = "relu"
+    saelens_architecture = "standard"
+    variants = ("april", "tm")
+    defaults = {
+        "variant": "april",
+        "apply_b_dec_to_input": lambda v: v["variant"] == "tm",
+        "l1_coefficient": lambda v: 5.0 if v["variant"] == "april" else 5.0,
+    }
+    train_defaults = {"lr": 5e-5, "adam_beta1": 0.9}
+
+    def __init__(self, cfg, device=None, dtype=torch.float32):
+        super().__init__(cfg, device=device, dtype=dtype)
+        self.b_enc = nn.Parameter(torch.zeros(self.d_sae, device=device, dtype=dtype))
+
+    @property
+    def unit_norm_decoder(self) -> bool:
+        return self.cfg.variant == "tm"
+
+    @torch.no_grad()
+    def reset_parameters(self, generator: torch.Generator | None = None) -> None:
+        norm = self.cfg.init_decoder_norm if self.cfg.variant == "april" else 1.0
+        self.init_tied_(generator, row_norm=norm)
+        self.b_enc.zero_()
+        self.b_dec.zero_()
+
+    @torch.no_grad()
+    def init_from_data(self, x_ND: Tensor) -> None:
+        if self.cfg.variant == "tm":
+            self.b_dec.copy_(geometric_median(x_ND.float()).to(self.b_dec.dtype))
+
+    def pre_acts(self, x_BD: Tensor) -> Tensor:
+        return self._input_for_encoder(x_BD, self.W_enc) + self.b_enc
+
+    def encode(self, x_BD: Tensor) -> Tensor:
+        return torch.relu(self.pre_acts(x_BD))
+
+    def loss(self, x_BD: Tensor, step: int) -> LossOutput:
+        f_BF = self.encode(x_BD)
+        recon_BD = self.decode(f_BF)
+        mse = (recon_BD - x_BD).pow(2).sum(-1).mean()
+        if self.cfg.variant == "april":
+            # Norm-weighted L1: sum_F f_F*||d_F|| = f @ norms, a matrix-vector product.
+            sparsity = (f_BF @ self.W_dec.norm(dim=1)).mean()
+        else:
+            sparsity = f_BF.sum(-1).mean()
+        lam = self.cfg.l1_coefficient * self.sparsity_scale(step)
+        total = mse + lam * sparsity
+        return LossOutput(total, {"mse": mse, "l1": sparsity}, f_BF, recon_BD)
+
+    def bias_names(self) -> tuple[str, ...]:
+        return ("b_dec", "b_enc")
+
+    @torch.no_grad()
+    def fold_decoder_norms(self) -> None:
+        n_F = self.W_dec.norm(dim=1)
+        self.W_dec.div_(n_F[:, None])
+        self.W_enc.mul_(n_F[None, :])
+        self.b_enc.mul_(n_F)

@@ -1,0 +1,97 @@
+"""Training checkpoints: SAE parameters, Adam moments, dead counters and the step, written
+atomically (safetensors + JSON, no pickles) and verified by checksum on load."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from saelab.errors import CheckpointError
+from saelab.fsutil import atomic_folder, sha256_file
+
+STATE_FILE = "state.safetensors"
+META_FILE = "state.json"
+
+
+@dataclass
+class CheckpointState:
+    step: int
+    meta: dict[str, Any]
+    tensors: dict[str, torch.Tensor]
+
+
+def checkpoint_dir(run_dir: Path) -> Path:
+    return Path(run_dir) / "checkpoint"
+
+
+def save_checkpoint(run_dir: Path, step: int, tensors: dict[str, torch.Tensor],
+                    meta: dict[str, Any]) -> None:
+    with atomic_folder(checkpoint_dir(run_dir)) as tmp:
+        save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()},
+                  str(tmp / STATE_FILE))
+        full = {**meta, "step": step, "sha256": sha256_file(tmp / STATE_FILE)}
+        (tmp / META_FILE).write_text(json.dumps(full, indent=2))
+
+
+def load_checkpoint(run_dir: Path) -> CheckpointState:
+    """Load the newest complete checkpoint (falling back to the ``.old`` copy a crash may leave)."""
+    primary = checkpoint_dir(run_dir)
+    candidates = [primary, primary.with_name(primary.name + ".old")]
+    errors = []
+    for folder in candidates:
+        if not folder.exists():
+            continue
+        try:
+            return _load(folder)
+        except CheckpointError as e:
+            errors.append(str(e))
+    if errors:
+        raise CheckpointError(
+            f"{errors[0]}; delete {primary} to restart the run, or pass --overwrite"
+        )
+    raise CheckpointError(
+        f"no checkpoint in {run_dir}: nothing to resume (run without --resume, or --overwrite)"
+    )
+
+
+def _load(folder: Path) -> CheckpointState:
+    meta_path, state_path = folder / META_FILE, folder / STATE_FILE
+    try:
+        meta = json.loads(meta_path.read_text())
+    except (OSError, ValueError) as e:
+        raise CheckpointError(f"damaged checkpoint {meta_path}: {e.__class__.__name__}") from None
+    if not state_path.exists():
+        raise CheckpointError(f"damaged checkpoint: {state_path} is missing")
+    if sha256_file(state_path) != meta.get("sha256"):
+        raise CheckpointError(f"damaged checkpoint: {state_path} fails its checksum")
+    try:
+        tensors = load_file(str(state_path))
+    except Exception as e:  # safetensors raises its own error types for truncation
+        raise CheckpointError(f"damaged checkpoint {state_path}: {e}") from None
+    return CheckpointState(int(meta["step"]), meta, tensors)
+
+
+def optimizer_tensors(opt: torch.optim.Optimizer, names: dict[torch.nn.Parameter, str]) -> dict:
+    out = {}
+    for p, state in opt.state.items():
+        for key, value in state.items():
+            if torch.is_tensor(value):
+                out[f"opt.{names[p]}.{key}"] = value
+    return out
+
+
+def restore_optimizer(opt: torch.optim.Optimizer, named_params: dict[str, torch.nn.Parameter],
+                      tensors: dict[str, torch.Tensor]) -> None:
+    for name, p in named_params.items():
+        prefix = f"opt.{name}."
+        state = {k[len(prefix):]: v.to(p.device) for k, v in tensors.items()
+                 if k.startswith(prefix)}
+        if state:
+            if "step" in state:
+                state["step"] = state["step"].cpu()  # Adam keeps `step` on CPU unless capturable
+            opt.state[p] = state

@@ -1,0 +1,30 @@
+"""Dead-latent tracking with the window measured in tokens (METHODS.md §0.5)."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+
+class DeadLatentTracker:
+    """Counts, per latent, training tokens since it last fired (activation > ``eps``).
+
+    Updated with tensor ops only, so it never forces a host sync in the training loop.
+    """
+
+    def __init__(self, d_sae: int, window_tokens: int, device: torch.device | str | None = None,
+                 eps: float = 0.0):
+        self.window_tokens = window_tokens
+        self.eps = eps
+        self.tokens_since_fired = torch.zeros(d_sae, dtype=torch.int64, device=device)
+
+    @torch.no_grad()
+    def update(self, latents_BF: Tensor) -> None:
+        fired_F = (latents_BF > self.eps).any(dim=0)
+        self.tokens_since_fired.add_(latents_BF.shape[0]).masked_fill_(fired_F, 0)
+
+    def dead_mask(self) -> Tensor:
+        return self.tokens_since_fired > self.window_tokens
+
+    def dead_fraction(self) -> Tensor:
+        return self.dead_mask().float().mean()

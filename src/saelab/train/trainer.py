@@ -1,0 +1,235 @@
+"""The training loop. It sees only an iterator of activation batches, never the LM.
+
+The hot loop is matmuls: no ``.item()`` outside logging steps, schedules are Python floats,
+dead-latent counters and running sums stay on the device.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from saelab.config import TrainConfig
+from saelab.errors import CheckpointError, ConfigError, SaelabError
+from saelab.saes.base import SAE
+from saelab.train.checkpoint import (
+    load_checkpoint,
+    optimizer_tensors,
+    restore_optimizer,
+    save_checkpoint,
+)
+from saelab.train.dead import DeadLatentTracker
+from saelab.train.schedules import lr_multiplier, sparsity_warmup_steps
+
+
+class TrainingDivergedError(SaelabError):
+    """The loss became NaN or inf."""
+
+
+@dataclass
+class TrainResult:
+    steps: int
+    tokens: int
+    seconds: float
+    tokens_per_second: float
+    final: dict[str, float]
+
+
+class Trainer:
+    """Adam + schedules + clipping + dead-latent tracking + atomic checkpoints + JSONL log.
+
+    ``input_scale`` multiplies every batch (input normalisation, METHODS §0.3); the caller
+    folds it into the weights after training.
+    """
+
+    def __init__(self, sae: SAE, cfg: TrainConfig, run_dir: Path | None = None,
+                 input_scale: float = 1.0, progress: bool = True,
+                 on_log: Callable[[dict[str, Any]], None] | None = None):
+        self.sae, self.cfg, self.run_dir = sae, cfg, Path(run_dir) if run_dir else None
+        if self.run_dir is not None:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+        self.input_scale = float(input_scale)
+        self.progress, self.on_log = progress, on_log
+        self.device = sae.W_dec.device
+        self.total_steps = cfg.total_steps
+        sae.sparsity_warmup_steps = sparsity_warmup_steps(self.total_steps, cfg.l1_warmup_fraction)
+
+        defaults = type(sae).train_defaults
+        self.base_lr = cfg.lr if cfg.lr is not None else defaults.get("lr", 3e-4)
+        beta1 = cfg.adam_beta1 if cfg.adam_beta1 is not None else defaults.get("adam_beta1", 0.9)
+        self.named_params = dict(sae.named_parameters())
+        self.opt = torch.optim.Adam(
+            list(self.named_params.values()), lr=self.base_lr, betas=(beta1, cfg.adam_beta2),
+            eps=cfg.adam_eps, foreach=True,
+        )
+        self.dead = DeadLatentTracker(sae.d_sae, cfg.dead_window_tokens, self.device)
+        self.step = 0
+        self._wandb = _init_wandb(cfg, sae) if cfg.wandb_project else None
+
+    # ---- state -------------------------------------------------------------------------------
+    def state_tensors(self) -> dict[str, Tensor]:
+        names = {p: n for n, p in self.named_params.items()}
+        tensors = {f"sae.{n}": p for n, p in self.named_params.items()}
+        tensors.update(optimizer_tensors(self.opt, names))
+        tensors["dead.tokens_since_fired"] = self.dead.tokens_since_fired
+        return tensors
+
+    def save_checkpoint(self) -> None:
+        if self.run_dir is None:
+            return
+        meta = {"input_scale": self.input_scale, "total_steps": self.total_steps,
+                "batch_size": self.cfg.batch_size, "architecture": self.sae.architecture,
+                "d_sae": self.sae.d_sae, "d_in": self.sae.d_in}
+        save_checkpoint(self.run_dir, self.step, self.state_tensors(), meta)
+
+    def resume(self) -> int:
+        """Restore the newest checkpoint in ``run_dir``; returns the step to continue from."""
+        if self.run_dir is None:
+            raise CheckpointError("cannot resume without a run folder")
+        ckpt = load_checkpoint(self.run_dir)
+        m = ckpt.meta
+        if (m.get("d_sae"), m.get("d_in"), m.get("batch_size")) != (
+            self.sae.d_sae, self.sae.d_in, self.cfg.batch_size
+        ):
+            raise CheckpointError(
+                f"checkpoint in {self.run_dir} was made with d_in={m.get('d_in')} "
+                f"d_sae={m.get('d_sae')} batch_size={m.get('batch_size')}; resume with the same "
+                "settings or pass --overwrite"
+            )
+        with torch.no_grad():
+            for n, p in self.named_params.items():
+                key = f"sae.{n}"
+                if key not in ckpt.tensors or ckpt.tensors[key].shape != p.shape:
+                    raise CheckpointError(f"damaged checkpoint: tensor {key} missing or misshapen")
+                p.copy_(ckpt.tensors[key])
+        restore_optimizer(self.opt, self.named_params, ckpt.tensors)
+        self.dead.tokens_since_fired.copy_(ckpt.tensors["dead.tokens_since_fired"])
+        self.input_scale = float(m["input_scale"])
+        self.step = ckpt.step
+        self._truncate_log(self.step)
+        return self.step
+
+    # ---- loop ---------------------------------------------------------------------------------
+    def fit(self, batches: Iterator[Tensor], stop_after: int | None = None) -> TrainResult:
+        """Train from ``self.step`` to ``total_steps`` (or for ``stop_after`` steps, for tests
+        that simulate an interruption). ``batches`` must start at batch ``self.step``."""
+        cfg, sae = self.cfg, self.sae
+        end = self.total_steps if stop_after is None else min(self.total_steps, self.step + stop_after)
+        bar = _progress(self.total_steps, self.step, self.progress)
+        start_step, t0 = self.step, time.perf_counter()
+        last: dict[str, float] = {}
+        it = iter(batches)
+        while self.step < end:
+            try:
+                x_BD = next(it)
+            except StopIteration:
+                raise ConfigError("the batch iterator ran out before the token budget") from None
+            x_BD = x_BD.to(self.device, sae.W_dec.dtype, non_blocking=True)
+            if self.input_scale != 1.0:
+                x_BD = x_BD * self.input_scale
+            out = self._train_step(x_BD)
+            self.step += 1
+            if self.step % cfg.log_every == 0 or self.step == end:
+                last = self._log(x_BD, out, t0, start_step)
+                if bar is not None:
+                    bar.set_postfix(loss=f"{last['loss']:.4g}", l0=f"{last['l0']:.1f}",
+                                    fvu=f"{last['fvu']:.3f}", refresh=False)
+            if bar is not None:
+                bar.update(1)
+            if cfg.checkpoint_every and self.step % cfg.checkpoint_every == 0 and self.step < end:
+                self.save_checkpoint()
+        if bar is not None:
+            bar.close()
+        self.save_checkpoint()
+        secs = time.perf_counter() - t0
+        tokens = (self.step - start_step) * cfg.batch_size
+        return TrainResult(self.step, self.step * cfg.batch_size, secs,
+                           tokens / secs if secs > 0 else 0.0, last)
+
+    def _train_step(self, x_BD: Tensor):
+        sae, cfg = self.sae, self.cfg
+        out = sae.loss(x_BD, self.step)
+        self.opt.zero_grad(set_to_none=True)
+        out.total.backward()
+        if sae.unit_norm_decoder:
+            sae.project_decoder_grad()
+        if cfg.grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(self.named_params.values(), cfg.grad_clip, foreach=True)
+        lr = self.base_lr * lr_multiplier(self.step, self.total_steps, cfg.lr_warmup_steps,
+                                          cfg.lr_decay_fraction)
+        for group in self.opt.param_groups:
+            group["lr"] = lr
+        self.opt.step()
+        if sae.unit_norm_decoder:
+            sae.normalize_decoder()
+        self.dead.update(out.latents.detach())
+        return out
+
+    # ---- logging ------------------------------------------------------------------------------
+    @torch.no_grad()
+    def _log(self, x_BD: Tensor, out, t0: float, start_step: int) -> dict[str, float]:
+        total = out.total.item()
+        if not math.isfinite(total):
+            raise TrainingDivergedError(
+                f"training diverged: loss is {total} at step {self.step}; lower --lr or "
+                "--l1-coefficient, or check the activations"
+            )
+        x = x_BD.float()
+        sse = (out.recon.float() - x).pow(2).sum()
+        var = (x - x.mean(0)).pow(2).sum()
+        secs = time.perf_counter() - t0
+        rec = {
+            "step": self.step,
+            "tokens": self.step * self.cfg.batch_size,
+            "loss": total,
+            **{k: v.item() for k, v in out.terms.items()},
+            "l0": (out.latents > 0).sum(-1).float().mean().item(),
+            "fvu": (sse / var).item(),
+            "dead_fraction": self.dead.dead_fraction().item(),
+            "lr": self.opt.param_groups[0]["lr"],
+            "tokens_per_second": (self.step - start_step) * self.cfg.batch_size / max(secs, 1e-9),
+        }
+        if self.run_dir is not None:
+            with open(self.run_dir / "metrics.jsonl", "a") as fh:
+                fh.write(json.dumps(rec) + "\n")
+        if self._wandb is not None:
+            self._wandb.log(rec, step=self.step)
+        if self.on_log is not None:
+            self.on_log(rec)
+        return rec
+
+    def _truncate_log(self, step: int) -> None:
+        """Drop log lines written after the checkpoint we resume from."""
+        path = self.run_dir / "metrics.jsonl" if self.run_dir else None
+        if path is None or not path.exists():
+            return
+        keep = [ln for ln in path.read_text().splitlines()
+                if ln.strip() and json.loads(ln).get("step", 0) <= step]
+        path.write_text("".join(ln + "\n" for ln in keep))
+
+
+def _progress(total: int, initial: int, enabled: bool):
+    if not enabled:
+        return None
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, initial=initial, desc="train", unit="step", dynamic_ncols=True)
+
+
+def _init_wandb(cfg: TrainConfig, sae: SAE):
+    try:
+        import wandb
+    except ImportError:
+        raise ConfigError(
+            "--wandb-project was given but wandb is not installed: pip install wandb"
+        ) from None
+    return wandb.init(project=cfg.wandb_project, config={"train": asdict(cfg),
+                                                         "sae": asdict(sae.cfg)})

@@ -1,0 +1,77 @@
+"""Shared fixtures: tiny random LMs and a tiny tokenizer built in-process (no network)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+# Same special tokens and ids as SmolLM2: <|endoftext|> 0, <|im_start|> (BOS) 1, <|im_end|> (EOS) 2
+SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+TOKENIZER_TEXT = [
+    "The quick brown fox jumps over the lazy dog.",
+    "Hello world, this is a test of the tokenizer.",
+    "Sparse autoencoders find interpretable features in language model activations.",
+]
+
+
+@pytest.fixture(scope="session")
+def tiny_tokenizer():
+    """A byte-level BPE tokenizer (vocab 300) trained in-process on three sentences."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=300,
+        special_tokens=SPECIAL_TOKENS,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator(TOKENIZER_TEXT * 5, trainer=trainer)
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok, bos_token="<|im_start|>", eos_token="<|im_end|>"
+    )
+
+
+@pytest.fixture(scope="session")
+def tiny_llama():
+    """A 4-layer random LlamaForCausalLM (d_model 64, vocab 300) in eval mode."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    cfg = LlamaConfig(
+        vocab_size=300,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=128,
+        bos_token_id=1,
+        eos_token_id=2,
+    )
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        model = LlamaForCausalLM(cfg)
+    return model.eval().requires_grad_(False)
+
+
+@pytest.fixture(scope="session")
+def tiny_gpt2():
+    """A 3-layer random GPT2LMHeadModel: a second family, with tuple-returning blocks."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    cfg = GPT2Config(
+        vocab_size=300,
+        n_embd=64,
+        n_layer=3,
+        n_head=4,
+        n_positions=128,
+        bos_token_id=0,
+        eos_token_id=0,
+    )
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        model = GPT2LMHeadModel(cfg)
+    return model.eval().requires_grad_(False)

@@ -1,0 +1,171 @@
+"""Harvest with a tiny random Llama and a local corpus: exact rows, resume, reuse, refusals."""
+
+from __future__ import annotations
+
+import random
+from pathlib import Path
+
+import pytest
+import torch
+
+from saelab.config import DataConfig, HarvestConfig, ModelConfig
+from saelab.data import store as store_mod
+from saelab.data.store import ActivationStore
+from saelab.errors import StoreError
+from saelab.harvest import harvest
+
+T = 16
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory, tiny_llama, tiny_tokenizer) -> tuple[Path, Path]:
+    """(model folder, corpus.txt): conftest's random Llama + BPE tokenizer, saved to disk."""
+    root = tmp_path_factory.mktemp("tiny")
+    tiny_llama.save_pretrained(root / "lm")
+    tiny_tokenizer.save_pretrained(root / "lm")
+    words = "the quick brown fox jumps over lazy dog hello world sparse features".split()
+    rng = random.Random(0)
+    docs = [" ".join(rng.choices(words, k=rng.randint(3, 40))) for _ in range(80)]
+    (root / "corpus.txt").write_text("\n\n".join(docs) + "\n")
+    return root / "lm", root / "corpus.txt"
+
+
+def make_cfg(tiny, out: Path, tokens: int, **kw) -> HarvestConfig:
+    lm, corpus = tiny
+    return HarvestConfig(
+        model=ModelConfig(
+            model=str(lm), hook="blocks.1.hook_resid_post", device="cpu", model_dtype="float32"
+        ),
+        data=DataConfig(dataset=str(corpus), context_size=T, exclude_first_positions=1),
+        store=str(out),
+        tokens=tokens,
+        shard_rows=kw.pop("shard_rows", 70),
+        lm_batch_size=kw.pop("lm_batch_size", 4),
+        **kw,
+    )
+
+
+def shard_bytes(path: Path) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in sorted(Path(path).glob("shard_*.safetensors"))}
+
+
+def count_lm_windows(monkeypatch) -> dict:
+    """Count windows run through the LM by harvest."""
+    import saelab.models.hooks as hooks
+
+    seen = {"windows": 0}
+    real = hooks.run_to_hook
+
+    def counting(model, ids, hook):
+        seen["windows"] += len(ids)
+        return real(model, ids, hook)
+
+    monkeypatch.setattr(hooks, "run_to_hook", counting)
+    return seen
+
+
+def test_rows_match_the_lm(tiny, tmp_path):
+    from saelab.data.corpus import iter_documents
+    from saelab.data.windows import iter_windows, keep_mask
+    from saelab.models.hooks import parse_hook, run_to_hook
+    from saelab.models.loading import load_model
+
+    cfg = make_cfg(tiny, tmp_path / "s", tokens=333)
+    store = harvest(cfg, progress=False)
+    assert store.num_rows == 333 and store.complete and not store.exhausted
+    assert store.d_in == 64 and store.hook == "blocks.1.hook_resid_post"
+    assert store.manifest["harvest_stats"]["tokens_per_s"] > 0
+    store.verify()
+
+    lm = load_model(cfg.model)
+    hook = parse_hook(cfg.model.hook, lm.n_layers)
+    shards = [store.read_shard(i) for i in range(len(store.shards))]
+    windows = torch.cat([s["windows"] for s in shards]).long()
+    expected = list(iter_windows(iter_documents(cfg.data, "train"), lm.tokenizer, T, True))
+    assert torch.equal(windows, torch.stack(expected[: len(windows)]))
+    with torch.inference_mode():
+        acts_BTD = run_to_hook(lm.model, windows, hook)
+    keep = keep_mask(windows, lm.tokenizer, 1, True)
+    got = torch.cat([s["acts"] for s in shards])
+    # harvest stops mid-window at `tokens`: compare with the first 333 kept positions
+    torch.testing.assert_close(got, acts_BTD[keep][:333], rtol=1e-5, atol=1e-5)
+    assert torch.equal(torch.cat([s["tokens"] for s in shards]).long(), windows[keep][:333])
+    assert (torch.cat([s["pos"] for s in shards]) >= 1).all()
+
+
+def test_resume_after_crash_is_identical(tiny, tmp_path, monkeypatch):
+    ref = harvest(make_cfg(tiny, tmp_path / "ref", tokens=500), progress=False)
+
+    real = store_mod.atomic_write_bytes
+    calls = {"n": 0}
+
+    def crash_on_third_shard(path, data):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise KeyboardInterrupt  # like Ctrl-C mid-write
+        real(path, data)
+
+    monkeypatch.setattr(store_mod, "atomic_write_bytes", crash_on_third_shard)
+    with pytest.raises(KeyboardInterrupt):
+        harvest(make_cfg(tiny, tmp_path / "s", tokens=500), progress=False)
+    monkeypatch.setattr(store_mod, "atomic_write_bytes", real)
+    partial = ActivationStore.open(tmp_path / "s")
+    assert not partial.complete and len(partial.shards) == 2
+
+    seen = count_lm_windows(monkeypatch)
+    store = harvest(make_cfg(tiny, tmp_path / "s", tokens=500), progress=False)
+    assert shard_bytes(store.path) == shard_bytes(ref.path)
+    assert store.manifest["stats"] == ref.manifest["stats"]
+    # only windows after the stored ones ran (plus at most one batch for alignment)
+    assert seen["windows"] <= ref.num_windows - partial.num_windows + 4
+
+
+def test_reuse_complete_store_does_no_lm_work(tiny, tmp_path, monkeypatch):
+    import saelab.models.loading as loading
+
+    first = harvest(make_cfg(tiny, tmp_path / "s", tokens=200), progress=False)
+
+    def boom(*a, **k):
+        raise AssertionError("the model was loaded")
+
+    monkeypatch.setattr(loading, "load_model", boom)
+    again = harvest(make_cfg(tiny, tmp_path / "s", tokens=150), progress=False)
+    assert again.num_rows == first.num_rows == 200
+    assert shard_bytes(again.path) == shard_bytes(first.path)
+
+
+def test_extending_equals_fresh(tiny, tmp_path):
+    harvest(make_cfg(tiny, tmp_path / "s", tokens=150), progress=False)
+    grown = harvest(make_cfg(tiny, tmp_path / "s", tokens=400), progress=False)
+    fresh = harvest(make_cfg(tiny, tmp_path / "f", tokens=400), progress=False)
+    assert grown.num_rows == 400
+    assert shard_bytes(grown.path) == shard_bytes(fresh.path)
+
+
+def test_corpus_runs_out(tiny, tmp_path):
+    cfg = make_cfg(tiny, tmp_path / "s", tokens=10**7, shard_rows=2000, lm_batch_size=64)
+    with pytest.warns(UserWarning, match="corpus ran out"):
+        store = harvest(cfg, progress=False)
+    assert store.complete and store.exhausted and 0 < store.num_rows < 10**7
+    with pytest.warns(UserWarning, match="corpus ran out"):
+        again = harvest(cfg, progress=False)
+    assert again.num_rows == store.num_rows
+
+
+def test_refuses_other_settings_and_foreign_folders(tiny, tmp_path):
+    harvest(make_cfg(tiny, tmp_path / "s", tokens=100), progress=False)
+    other = make_cfg(tiny, tmp_path / "s", tokens=100)
+    other.model.hook = "blocks.0.hook_mlp_out"
+    with pytest.raises(StoreError, match="other settings: hook="):
+        harvest(other, progress=False)
+    other = make_cfg(tiny, tmp_path / "s", tokens=100)
+    other.data.context_size = 12
+    with pytest.raises(StoreError, match="context_size=16"):
+        harvest(other, progress=False)
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "thesis.tex").write_text("precious")
+    with pytest.raises(StoreError, match="not an activation store"):
+        harvest(make_cfg(tiny, tmp_path / "mine", tokens=100), progress=False)
+    assert (tmp_path / "mine" / "thesis.tex").read_text() == "precious"
+    (tmp_path / "empty").mkdir()  # an existing empty folder is fine
+    assert harvest(make_cfg(tiny, tmp_path / "empty", tokens=50), progress=False).complete

@@ -1,0 +1,168 @@
+"""Properties of the ReLU and Gated families (METHODS.md §1, §2, §16)."""
+
+import pytest
+import torch
+
+from saelab.config import SAEConfig
+from saelab.errors import ConfigError
+from saelab.saes.registry import architectures, build_sae
+
+D, F = 16, 48
+
+
+def make(arch, seed=0, **kw):
+    g = torch.Generator().manual_seed(seed)
+    sae = build_sae(SAEConfig(architecture=arch, d_in=D, d_sae=F, **kw), generator=g)
+    with torch.no_grad():  # non-trivial biases so the tests exercise every term
+        for name, p in sae.named_parameters():
+            if p.ndim == 1:
+                p.copy_(0.3 * torch.randn(p.shape, generator=g))
+    return sae
+
+
+def test_registry_lists_trainable_families():
+    names = architectures(trainable_only=True)
+    assert {"gated", "relu"} <= set(names)
+    assert "jumprelu" not in names
+
+
+def test_unknown_variant_is_a_config_error():
+    with pytest.raises(ConfigError, match="unknown variant 'nope'"):
+        make("gated", variant="nope")
+
+
+def test_gated_equals_its_jumprelu_conversion():
+    sae = make("gated")
+    jr = sae.to_jumprelu()
+    x = 2 * torch.randn(256, D)
+    f_g, f_j = sae.encode(x), jr.encode(x)
+    assert (f_g > 0).any() and (f_g == 0).any()
+    torch.testing.assert_close(f_j, f_g, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(jr(x).recon, sae(x).recon, rtol=1e-5, atol=1e-5)
+
+
+def test_gated_to_jumprelu_formula_matches_spec():
+    # §16.2: 1[π_gate>0]·ReLU(π_mag) == π_mag·1[π_mag > max(θ, 0)], θ = b_mag − e^{r_mag} b_gate
+    sae = make("gated", seed=3)
+    x = torch.randn(512, D)
+    h = (x - sae.b_dec) @ sae.W_enc
+    pi_gate = h + sae.b_gate
+    pi_mag = h * sae.r_mag.exp() + sae.b_mag
+    theta = sae.b_mag - sae.r_mag.exp() * sae.b_gate
+    lhs = (pi_gate > 0) * torch.relu(pi_mag)
+    rhs = pi_mag * (pi_mag > theta.clamp_min(0))
+    torch.testing.assert_close(lhs, rhs, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(sae.encode(x), lhs, rtol=1e-5, atol=1e-5)
+
+
+def _grads(sae, loss):
+    sae.zero_grad(set_to_none=True)
+    loss.backward(retain_graph=True)
+    return {n: (p.grad.clone() if p.grad is not None else torch.zeros_like(p))
+            for n, p in sae.named_parameters()}
+
+
+@pytest.mark.parametrize("b_dec_in", [False, True])
+def test_gated_loss_gradient_routing(b_dec_in):
+    # §16.3: L_aux gives no gradient to W_dec/b_dec; L_reconstruct none to W_gate/b_gate.
+    # With the pre-encoder bias on, b_dec also feeds the encoder input (x − b_dec), as in the
+    # paper's pseudo-code and dictionary_learning; the frozen *decoder copy* still passes none.
+    sae = make("gated", apply_b_dec_to_input=b_dec_in)
+    x = torch.randn(128, D)
+    out = sae.loss(x, step=10_000)
+    g_aux = _grads(sae, out.terms["aux"])
+    assert g_aux["W_dec"].abs().max() == 0
+    if not b_dec_in:
+        assert g_aux["b_dec"].abs().max() == 0
+    else:
+        expected = -(sae.W_enc @ g_aux["b_gate"])  # d/d b_dec of (x − b_dec) W_enc + b_gate
+        torch.testing.assert_close(g_aux["b_dec"], expected, rtol=1e-4, atol=1e-4)
+    assert g_aux["W_enc"].abs().max() > 0 and g_aux["b_gate"].abs().max() > 0
+    g_rec = _grads(sae, out.terms["mse"])
+    assert g_rec["b_gate"].abs().max() == 0
+    assert g_rec["W_dec"].abs().max() > 0 and g_rec["b_mag"].abs().max() > 0
+    # W_enc gets reconstruction gradient only through the magnitude path (W_mag = e^r W_gate).
+    g_l1 = _grads(sae, out.terms["l1"])
+    assert g_l1["W_dec"].abs().max() == 0 and g_l1["b_mag"].abs().max() == 0
+
+
+def test_gated_april_variant_trains_decoder_through_aux():
+    sae = make("gated", variant="april")
+    out = sae.loss(torch.randn(64, D), step=0)
+    g = _grads(sae, out.terms["aux"])
+    assert g["W_dec"].abs().max() > 0
+    assert not sae.unit_norm_decoder
+
+
+@pytest.mark.parametrize("arch,variant", [("relu", "april"), ("relu", "tm"), ("gated", "paper"),
+                                          ("gated", "april")])
+def test_fold_decoder_norms_keeps_function(arch, variant):
+    # §16.8
+    sae = make(arch, variant=variant)
+    with torch.no_grad():
+        sae.W_dec.mul_(torch.rand(F, 1) * 3 + 0.1)
+    x = torch.randn(200, D)
+    before = sae(x).recon
+    sae.fold_decoder_norms()
+    torch.testing.assert_close(sae(x).recon, before, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(sae.W_dec.norm(dim=1), torch.ones(F), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("arch", ["relu", "gated"])
+def test_fold_input_scale(arch):
+    sae = make(arch, variant="tm" if arch == "relu" else None)
+    x = torch.randn(100, D) * 7
+    c = 0.37
+    expected = sae(c * x).recon / c
+    sae.fold_input_scale(c)
+    torch.testing.assert_close(sae(x).recon, expected, rtol=1e-4, atol=1e-4)
+
+
+def test_relu_april_penalty_is_norm_weighted():
+    sae = make("relu", variant="april")
+    x = torch.randn(32, D)
+    out = sae.loss(x, step=10**6)
+    f = sae.encode(x)
+    torch.testing.assert_close(out.terms["l1"], (f * sae.W_dec.norm(dim=1)).sum(-1).mean())
+    assert sae.cfg.apply_b_dec_to_input is False and not sae.unit_norm_decoder
+
+
+def test_relu_tm_init_uses_geometric_median():
+    sae = make("relu", variant="tm")
+    x = torch.randn(500, D) + 5.0
+    x[:10] += 1000.0  # outliers barely move a median, unlike a mean
+    sae.init_from_data(x)
+    assert (sae.b_dec - 5.0).abs().max() < 0.5
+    assert sae.cfg.apply_b_dec_to_input is True and sae.unit_norm_decoder
+
+
+def test_sparsity_warmup():
+    sae = make("gated")
+    sae.sparsity_warmup_steps = 10
+    assert sae.sparsity_scale(0) == pytest.approx(0.1)
+    assert sae.sparsity_scale(9) == 1.0 and sae.sparsity_scale(100) == 1.0
+
+
+@pytest.mark.parametrize("b_dec_in", [False, True])
+def test_fused_gated_encoder_matches_autograd(b_dec_in):
+    from saelab.saes._gated_kernel import GatedEncode
+
+    sae = make("gated", apply_b_dec_to_input=b_dec_in).double()
+    x = torch.randn(64, D, dtype=torch.float64)
+    params = [sae.W_enc, sae.b_dec, sae.b_gate, sae.r_mag, sae.b_mag]
+    w_f = torch.randn(64, F, dtype=torch.float64)
+    w_g = torch.randn(64, F, dtype=torch.float64)
+
+    f, gate = GatedEncode.apply(x, *params, b_dec_in)
+    fused = torch.autograd.grad((f * w_f).sum() + (gate * w_g).sum(), params, allow_unused=True)
+
+    pi_gate, pi_mag = sae._pre_acts(x)
+    f_ref = torch.where(pi_gate > 0, torch.relu(pi_mag), 0.0)
+    ref = torch.autograd.grad((f_ref * w_f).sum() + (torch.relu(pi_gate) * w_g).sum(), params,
+                              allow_unused=True)
+    torch.testing.assert_close(f, f_ref)
+    for a, b in zip(fused, ref, strict=True):
+        if a is None or b is None:
+            assert a is None and b is None
+        else:
+            torch.testing.assert_close(a, b)

@@ -1,0 +1,137 @@
+"""Trainer mechanics on synthetic data: decoder constraint, resume exactness, checkpoints."""
+
+import json
+
+import pytest
+import torch
+
+from saelab.config import SAEConfig, TrainConfig
+from saelab.errors import CheckpointError
+from saelab.saes.registry import build_sae
+from saelab.train.dead import DeadLatentTracker
+from saelab.train.schedules import lr_multiplier
+from saelab.train.trainer import Trainer, TrainingDivergedError
+
+D, F, B = 12, 40, 64
+
+
+def synthetic_batches(seed=0, start=0):
+    """Deterministic sparse-feature data: batch i depends only on (seed, i)."""
+    dirs = torch.nn.functional.normalize(torch.randn(30, D, generator=torch.Generator().manual_seed(99)), dim=1)
+    i = start
+    while True:
+        g = torch.Generator().manual_seed(seed * 100_003 + i)
+        codes = torch.rand(B, 30, generator=g) * (torch.rand(B, 30, generator=g) < 0.1)
+        yield codes @ dirs + 0.01 * torch.randn(B, D, generator=g)
+        i += 1
+
+
+def make_trainer(tmp_path, arch="gated", steps=30, **train_kw):
+    sae = build_sae(SAEConfig(architecture=arch, d_in=D, d_sae=F),
+                    generator=torch.Generator().manual_seed(0))
+    cfg = TrainConfig(tokens=B * steps, batch_size=B, lr=1e-3, log_every=5, checkpoint_every=10,
+                      lr_warmup_steps=3, **train_kw)
+    return Trainer(sae, cfg, run_dir=tmp_path, progress=False)
+
+
+def test_unit_norm_decoder_after_every_step(tmp_path):
+    tr = make_trainer(tmp_path, steps=5)
+    tr.fit(synthetic_batches())
+    norms = tr.sae.W_dec.norm(dim=1)
+    torch.testing.assert_close(norms, torch.ones(F), atol=1e-5, rtol=0)
+
+
+def test_projected_gradient_is_orthogonal_to_rows():
+    sae = build_sae(SAEConfig(architecture="gated", d_in=D, d_sae=F))
+    out = sae.loss(next(synthetic_batches()), step=0)
+    out.total.backward()
+    sae.project_decoder_grad()
+    dots = (sae.W_dec.grad * sae.W_dec).sum(1)
+    assert dots.abs().max() < 1e-5
+
+
+def test_training_reduces_loss_and_logs(tmp_path):
+    tr = make_trainer(tmp_path, steps=60)
+    tr.fit(synthetic_batches())
+    recs = [json.loads(ln) for ln in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert recs[0]["step"] == 5 and recs[-1]["step"] == 60
+    assert recs[-1]["mse"] < recs[0]["mse"]
+    assert {"loss", "l0", "fvu", "dead_fraction", "aux", "l1", "lr"} <= set(recs[-1])
+
+
+@pytest.mark.parametrize("arch", ["gated", "relu"])
+def test_resume_gives_identical_weights(tmp_path, arch):
+    full = make_trainer(tmp_path / "full", arch=arch)
+    full.fit(synthetic_batches())
+
+    part = make_trainer(tmp_path / "part", arch=arch)
+    part.fit(synthetic_batches(), stop_after=17)  # "crash" after step 17; checkpoint at 10
+    resumed = make_trainer(tmp_path / "part", arch=arch)
+    start = resumed.resume()
+    assert start == 17  # fit() checkpoints when it stops
+    resumed.fit(synthetic_batches(start=start))
+    for (n, p), q in zip(full.sae.named_parameters(), resumed.sae.parameters(), strict=True):
+        assert torch.equal(p, q), n
+    steps = [json.loads(ln)["step"] for ln in (tmp_path / "part/metrics.jsonl").read_text().splitlines()]
+    assert steps == sorted(set(steps))  # no duplicated log lines after resuming
+
+
+def test_resume_after_a_crash_between_checkpoints(tmp_path):
+    full = make_trainer(tmp_path / "full")
+    full.fit(synthetic_batches())
+
+    def crashing():
+        for i, x in enumerate(synthetic_batches()):
+            if i == 14:
+                raise RuntimeError("simulated crash")
+            yield x
+
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        make_trainer(tmp_path / "crash").fit(crashing())
+    resumed = make_trainer(tmp_path / "crash")
+    assert resumed.resume() == 10  # the last periodic checkpoint
+    resumed.fit(synthetic_batches(start=10))
+    assert torch.equal(resumed.sae.W_dec, full.sae.W_dec)
+    assert torch.equal(resumed.sae.b_gate, full.sae.b_gate)
+
+
+def test_damaged_checkpoint_is_a_clear_error(tmp_path):
+    tr = make_trainer(tmp_path, steps=10)
+    tr.fit(synthetic_batches())
+    state = tmp_path / "checkpoint" / "state.safetensors"
+    data = bytearray(state.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    state.write_bytes(bytes(data))
+    with pytest.raises(CheckpointError, match="checksum"):
+        make_trainer(tmp_path, steps=10).resume()
+
+
+def test_missing_checkpoint_is_a_clear_error(tmp_path):
+    with pytest.raises(CheckpointError, match="nothing to resume"):
+        make_trainer(tmp_path).resume()
+
+
+def test_divergence_is_reported(tmp_path):
+    tr = make_trainer(tmp_path, steps=10)
+
+    def bad():
+        while True:
+            yield torch.full((B, D), float("nan"))
+
+    with pytest.raises(TrainingDivergedError, match="step 5"):
+        tr.fit(bad())
+
+
+def test_dead_tracker_counts_tokens():
+    t = DeadLatentTracker(3, window_tokens=100)
+    fire_first = torch.tensor([[1.0, 0.0, 0.0]] * 60)
+    t.update(fire_first)
+    t.update(torch.zeros(60, 3))
+    assert t.tokens_since_fired.tolist() == [60, 120, 120]
+    assert t.dead_mask().tolist() == [False, True, True]
+
+
+def test_lr_schedule_shape():
+    m = [lr_multiplier(s, 100, warmup_steps=10, decay_fraction=0.2) for s in range(100)]
+    assert m[0] == pytest.approx(0.1) and m[9] == 1.0 and m[50] == 1.0
+    assert m[80] == 1.0 and m[90] == pytest.approx(0.5) and m[99] == pytest.approx(0.05)
