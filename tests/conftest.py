@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import random
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -75,3 +78,17 @@ def tiny_gpt2():
         torch.manual_seed(0)
         model = GPT2LMHeadModel(cfg)
     return model.eval().requires_grad_(False)
+
+
+@pytest.fixture(scope="session")
+def tiny(tmp_path_factory, tiny_llama, tiny_tokenizer) -> tuple[Path, Path]:
+    """(model folder, corpus.txt): the random Llama + BPE tokenizer saved to disk, and a small
+    text corpus, so every path that loads by name runs for real and offline."""
+    root = tmp_path_factory.mktemp("tiny")
+    tiny_llama.save_pretrained(root / "lm")
+    tiny_tokenizer.save_pretrained(root / "lm")
+    words = "the quick brown fox jumps over lazy dog hello world sparse features".split()
+    rng = random.Random(0)
+    docs = [" ".join(rng.choices(words, k=rng.randint(3, 40))) for _ in range(80)]
+    (root / "corpus.txt").write_text("\n\n".join(docs) + "\n")
+    return root / "lm", root / "corpus.txt"

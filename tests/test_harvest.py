@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import random
 from pathlib import Path
 
 import pytest
@@ -15,19 +14,6 @@ from saelab.errors import StoreError
 from saelab.harvest import harvest
 
 T = 16
-
-
-@pytest.fixture(scope="module")
-def tiny(tmp_path_factory, tiny_llama, tiny_tokenizer) -> tuple[Path, Path]:
-    """(model folder, corpus.txt): conftest's random Llama + BPE tokenizer, saved to disk."""
-    root = tmp_path_factory.mktemp("tiny")
-    tiny_llama.save_pretrained(root / "lm")
-    tiny_tokenizer.save_pretrained(root / "lm")
-    words = "the quick brown fox jumps over lazy dog hello world sparse features".split()
-    rng = random.Random(0)
-    docs = [" ".join(rng.choices(words, k=rng.randint(3, 40))) for _ in range(80)]
-    (root / "corpus.txt").write_text("\n\n".join(docs) + "\n")
-    return root / "lm", root / "corpus.txt"
 
 
 def make_cfg(tiny, out: Path, tokens: int, **kw) -> HarvestConfig:

@@ -14,7 +14,7 @@ def make(arch, seed=0, **kw):
     g = torch.Generator().manual_seed(seed)
     sae = build_sae(SAEConfig(architecture=arch, d_in=D, d_sae=F, **kw), generator=g)
     with torch.no_grad():  # non-trivial biases so the tests exercise every term
-        for name, p in sae.named_parameters():
+        for p in sae.parameters():
             if p.ndim == 1:
                 p.copy_(0.3 * torch.randn(p.shape, generator=g))
     return sae

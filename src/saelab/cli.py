@@ -10,7 +10,7 @@ import json
 import sys
 from pathlib import Path
 
-from saelab.cliargs import add_dataclass_args, build
+from saelab.cliargs import add_dataclass_args, build, given
 from saelab.config import EvalConfig, HarvestConfig, RunConfig
 from saelab.errors import SaelabError
 
@@ -76,6 +76,12 @@ def _dispatch(args: argparse.Namespace) -> int:
 
         cfg = build(RunConfig, args)
         cfg.validate()
+        if cfg.resume:
+            ignored = sorted(given(args) - {"out", "resume", "quiet", "verb"})
+            if ignored:
+                print(f"note: a resumed run keeps its saved config; ignoring "
+                      f"{', '.join('--' + k.split('.')[-1].replace('_', '-') for k in ignored)}",
+                      file=sys.stderr)
         summary = train_run(cfg, progress=progress)
         print(summary_table(summary.metrics,
                             title=f"\n{cfg.sae.architecture} SAE, d_sae {cfg.sae.d_sae} — held-out eval"))

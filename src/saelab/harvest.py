@@ -45,6 +45,7 @@ def _data_settings(cfg: HarvestConfig) -> dict:
         "prepend_bos": d.prepend_bos,
         "exclude_first_positions": d.exclude_first_positions,
         "exclude_special_tokens": d.exclude_special_tokens,
+        "exclude_norm_outliers": d.exclude_norm_outliers,
         "dtype": cfg.store_dtype,
     }
 
@@ -115,7 +116,7 @@ def harvest(
             return store
 
     from saelab.data.corpus import iter_documents
-    from saelab.data.windows import batch_windows, iter_windows, keep_mask
+    from saelab.data.windows import batch_windows, drop_norm_outliers, iter_windows, keep_mask
     from saelab.models.hooks import parse_hook, run_to_hook
     from saelab.models.loading import load_model
 
@@ -167,6 +168,7 @@ def harvest(
                 cfg.data.exclude_first_positions,
                 cfg.data.exclude_special_tokens,
             ).cpu()
+            keep_BT = drop_norm_outliers(acts_BTD, keep_BT, cfg.data.exclude_norm_outliers)
             keep_BT, n_win = _truncate(keep_BT[skip:], cfg.tokens - rows)
             windows_BT, acts_BTD = windows_BT[skip : skip + n_win], acts_BTD[skip : skip + n_win]
             keep_BT = keep_BT[:n_win]

@@ -8,7 +8,6 @@ from __future__ import annotations
 import copy
 import hashlib
 import json
-import os
 import shutil
 import time
 from dataclasses import asdict, dataclass
@@ -19,13 +18,10 @@ import torch
 from saelab.config import HarvestConfig, RunConfig, from_dict
 from saelab.errors import RunFolderError
 from saelab.fsutil import atomic_write_json
+from saelab.runtime import cache_root
 
 RUN_CONFIG = "run_config.json"
 SAE_DIR = "sae"
-
-
-def cache_root() -> Path:
-    return Path(os.environ.get("SAELAB_CACHE", Path.home() / ".cache" / "saelab"))
 
 
 def default_store_path(cfg: RunConfig, tokens: int) -> Path:

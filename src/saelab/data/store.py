@@ -78,6 +78,7 @@ class StoreSpec:
     prepend_bos: bool = True
     exclude_first_positions: int = 0
     exclude_special_tokens: bool = True
+    exclude_norm_outliers: float = 0.0  # drop rows with norm > this x median (0 = keep all)
     dataset: str = ""
     text_column: str = "text"
     eval_fraction: float = 0.05

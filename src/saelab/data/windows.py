@@ -128,3 +128,14 @@ def _token_id(tokenizer: Any, token: str) -> int | None:
     if token_id is None or (token_id == tokenizer.unk_token_id and token != tokenizer.unk_token):
         return None
     return int(token_id)
+
+
+def drop_norm_outliers(acts_BTD: Tensor, keep_BT: Tensor, factor: float) -> Tensor:
+    """``keep_BT`` without positions whose activation norm exceeds ``factor`` x the median norm
+    of the kept positions (massive activations, attention sinks); ``factor`` 0 disables."""
+    if factor <= 0 or not bool(keep_BT.any()):
+        return keep_BT
+    keep = keep_BT.to(acts_BTD.device)
+    norms_BT = torch.linalg.vector_norm(acts_BTD.float(), dim=-1)
+    limit = factor * norms_BT[keep].median()
+    return (keep & (norms_BT <= limit)).to(keep_BT.device)

@@ -131,11 +131,13 @@ def _logprobs(logits_BTV: Tensor, score_BT: Tensor) -> Tensor:
 def evaluate(sae: SAE, lm, hook, data_cfg: DataConfig, eval_cfg: EvalConfig,
              skip_ce: bool = False, progress: bool = True) -> EvalResult:
     """Evaluate ``sae`` (acting on raw activations) on held-out documents."""
+    from saelab.data.windows import drop_norm_outliers
     from saelab.models.hooks import run_to_hook
 
     kept_per_window = max(1, data_cfg.context_size - data_cfg.exclude_first_positions)
     n_windows = max(eval_cfg.ce_windows, math.ceil(eval_cfg.eval_tokens / kept_per_window))
     windows_NT, keep_NT = heldout_windows(lm, data_cfg, n_windows)
+    kept_before = int(keep_NT.sum())
 
     def acts() -> Iterator[Tensor]:
         it = _batches(windows_NT.shape[0], 16)
@@ -145,10 +147,14 @@ def evaluate(sae: SAE, lm, hook, data_cfg: DataConfig, eval_cfg: EvalConfig,
             it = tqdm(list(it), desc="eval: activations", unit="batch", leave=False)
         for sl in it:
             a_BTD = run_to_hook(lm.model, windows_NT[sl].to(lm.device), hook)
+            # The same outlier rule as the harvest, so eval scores the tokens training saw;
+            # dropped positions are also left clean in the LM splices below.
+            keep_NT[sl] = drop_norm_outliers(a_BTD, keep_NT[sl], data_cfg.exclude_norm_outliers)
             yield a_BTD[keep_NT[sl].to(a_BTD.device)].float()
 
     rec = reconstruction_eval(sae, acts())
     metrics = rec.compute()
+    metrics["eval_positions_dropped_as_outliers"] = float(kept_before - int(keep_NT.sum()))
     if not skip_ce and eval_cfg.ce_windows > 0:
         mean_act_D = (rec.sum_x_D / rec.n).float()
         n_ce = min(eval_cfg.ce_windows, windows_NT.shape[0])

@@ -37,9 +37,9 @@ class GatedSAE(SAE):
     defaults = {
         "variant": "paper",
         "apply_b_dec_to_input": True,
-        "l1_coefficient": 3.0,
+        "l1_coefficient": 4.0,
     }
-    train_defaults = {"lr": 3e-4, "adam_beta1": 0.0}
+    train_defaults = {"lr": 1e-3, "adam_beta1": 0.0}
 
     def __init__(self, cfg, device=None, dtype=torch.float32):
         super().__init__(cfg, device=device, dtype=dtype)

@@ -1,0 +1,168 @@
+"""The main job through the CLI on a tiny random LM: files, metrics, refusals, resume."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import saelab
+from saelab.cli import main
+from saelab.train.trainer import Trainer
+
+HOOK = "blocks.1.hook_resid_post"
+
+
+@pytest.fixture(autouse=True)
+def isolated_cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("SAELAB_CACHE", str(tmp_path / "cache"))
+
+
+def train_args(tiny, out: Path, *extra: str) -> list[str]:
+    lm, corpus = tiny
+    return ["train", "--model", str(lm), "--dataset", str(corpus), "--hook", HOOK,
+            "--device", "cpu", "--model-dtype", "float32", "--context-size", "16",
+            "--d-sae", "32", "--tokens", "3072", "--batch-size", "256", "--eval-tokens", "600",
+            "--ce-windows", "8", "--checkpoint-every", "4", "--log-every", "2", "--quiet",
+            "--out", str(out), *extra]
+
+
+def test_train_writes_a_complete_run(tiny, tmp_path, capsys):
+    out = tmp_path / "run"
+    assert main(train_args(tiny, out)) == 0
+    printed = capsys.readouterr().out
+    assert "FVU" in printed and "CE loss recovered" in printed
+    for name in ("run_config.json", "metrics.json", "metrics.jsonl", "feature_density.png",
+                 "sae/cfg.json", "sae/sae_weights.safetensors", "sae/sparsity.safetensors",
+                 "sae/metrics.json", "checkpoint/state.safetensors"):
+        assert (out / name).exists(), name
+    metrics = json.loads((out / "metrics.json").read_text())
+    for key in ("l0", "fvu", "mse", "ce_loss_recovered", "delta_lm_loss", "kl_score",
+                "relative_reconstruction_bias", "dead_fraction"):
+        assert isinstance(metrics[key], float) and metrics[key] == metrics[key], key
+    cfg = json.loads((out / "sae/cfg.json").read_text())
+    assert cfg["architecture"] == "gated" and cfg["metadata"]["hook_name"] == HOOK
+    sparsity = load_file(str(out / "sae/sparsity.safetensors"))["sparsity"]
+    assert sparsity.shape == (32,) and float(sparsity.max()) <= 0
+
+    sae = saelab.load_sae(out)  # a run folder loads directly
+    x = torch.randn(5, sae.d_in)
+    assert sae(x).recon.shape == (5, sae.d_in) and sae.encode(x).shape == (5, 32)
+
+
+def test_existing_run_is_refused_then_overwritten(tiny, tmp_path, capsys):
+    out = tmp_path / "run"
+    assert main(train_args(tiny, out, "--tokens", "1024")) == 0
+    before = (out / "sae/sae_weights.safetensors").read_bytes()
+    assert main(train_args(tiny, out, "--tokens", "1024", "--seed", "1")) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "already holds a run" in err and "--overwrite" in err
+    assert (out / "sae/sae_weights.safetensors").read_bytes() == before
+    assert main(train_args(tiny, out, "--tokens", "1024", "--seed", "1", "--overwrite")) == 0
+    assert (out / "sae/sae_weights.safetensors").read_bytes() != before
+
+
+def test_non_run_folder_is_never_clobbered(tiny, tmp_path, capsys):
+    out = tmp_path / "precious"
+    out.mkdir()
+    (out / "notes.txt").write_text("keep me")
+    assert main(train_args(tiny, out, "--overwrite")) == 2
+    assert "holds no saelab run" in capsys.readouterr().err
+    assert (out / "notes.txt").read_text() == "keep me"
+
+
+def test_interrupted_run_resumes_to_identical_weights(tiny, tmp_path, monkeypatch, capsys):
+    full = tmp_path / "full"
+    assert main(train_args(tiny, full)) == 0
+
+    part = tmp_path / "part"
+    real_step = Trainer._train_step
+
+    def interrupt_at_step_7(self, x):
+        if self.step == 7:
+            raise KeyboardInterrupt
+        return real_step(self, x)
+
+    monkeypatch.setattr(Trainer, "_train_step", interrupt_at_step_7)
+    assert main(train_args(tiny, part)) == 130
+    assert "--resume" in capsys.readouterr().err
+    monkeypatch.setattr(Trainer, "_train_step", real_step)
+    assert main(["train", "--out", str(part), "--resume", "--quiet"]) == 0
+    a = load_file(str(full / "sae/sae_weights.safetensors"))
+    b = load_file(str(part / "sae/sae_weights.safetensors"))
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+
+
+def test_eval_verb_rewrites_metrics(tiny, tmp_path, capsys):
+    out = tmp_path / "run"
+    assert main(train_args(tiny, out, "--tokens", "1024")) == 0
+    (out / "metrics.json").unlink()
+    capsys.readouterr()
+    assert main(["eval", str(out), "--eval-tokens", "300", "--ce-windows", "4", "--quiet"]) == 0
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["n_tokens"] >= 300 and "ce_loss_recovered" in metrics
+
+
+@pytest.mark.parametrize("flags,message", [
+    (["--hook", "blocks.9.hook_resid_post"], "out of range"),
+    (["--hook", "blocks.1.hook_nope"], "unknown hook"),
+    (["--l1-coefficient", "-1"], "--l1-coefficient"),
+    (["--d-sae", "0"], "width"),
+    (["--arch", "nope"], "unknown architecture 'nope'"),
+    (["--arch", "jumprelu"], "cannot be trained"),
+    (["--model", "no-such-org/no-such-model-xyz"], "cannot load model"),
+])
+def test_bad_input_is_one_line_and_writes_nothing(tiny, tmp_path, capsys, flags, message):
+    out = tmp_path / "run"
+    assert main(train_args(tiny, out, *flags)) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: ") and "\n" not in err and message in err, err
+    assert not (out / "sae").exists()
+
+
+def test_store_for_another_hook_is_refused(tiny, tmp_path, capsys):
+    lm, corpus = tiny
+    store = tmp_path / "store"
+    assert main(["harvest", "--model", str(lm), "--dataset", str(corpus), "--hook",
+                 "blocks.0.hook_mlp_out", "--context-size", "16", "--tokens", "500",
+                 "--model-dtype", "float32", "--out", str(store), "--quiet"]) == 0
+    assert main(train_args(tiny, tmp_path / "run", "--store", str(store))) == 2
+    err = capsys.readouterr().err
+    assert "was made for" in err and "blocks.0.hook_mlp_out" in err
+
+
+def test_nan_activations_name_shard_and_row(tiny, tmp_path, capsys):
+    from safetensors.torch import save_file
+
+    from saelab.data.store import ActivationStore
+
+    lm, corpus = tiny
+    store = tmp_path / "store"
+    assert main(["harvest", "--model", str(lm), "--dataset", str(corpus), "--hook", HOOK,
+                 "--context-size", "16", "--tokens", "500", "--model-dtype", "float32",
+                 "--out", str(store), "--quiet"]) == 0
+    shard = store / ActivationStore.open(store).shards[0].file
+    tensors = load_file(str(shard))
+    tensors["acts"][3, 0] = float("nan")
+    save_file(tensors, str(shard))
+    # Make the checksum match so the NaN check, not the checksum, must catch it.
+    manifest = json.loads((store / "manifest.json").read_text())
+    from saelab.fsutil import sha256_file
+
+    manifest["shards"][0]["sha256"] = sha256_file(shard)
+    manifest["shards"][0]["bytes"] = shard.stat().st_size
+    (store / "manifest.json").write_text(json.dumps(manifest))
+    assert main(train_args(tiny, tmp_path / "run", "--store", str(store))) == 2
+    err = capsys.readouterr().err
+    assert "shard_00000" in err and "row 3" in err
+
+
+def test_archs_lists_families(capsys):
+    assert main(["archs"]) == 0
+    out = capsys.readouterr().out
+    assert "gated" in out and "relu" in out and "jumprelu" in out
