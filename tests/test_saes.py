@@ -127,13 +127,17 @@ def test_relu_april_penalty_is_norm_weighted():
     assert sae.cfg.apply_b_dec_to_input is False and not sae.unit_norm_decoder
 
 
-def test_relu_tm_init_uses_geometric_median():
-    sae = make("relu", variant="tm")
+@pytest.mark.parametrize("arch", ["relu", "gated"])
+def test_b_dec_init_uses_geometric_median(arch):
+    sae = make(arch)
     x = torch.randn(500, D) + 5.0
     x[:10] += 1000.0  # outliers barely move a median, unlike a mean
     sae.init_from_data(x)
     assert (sae.b_dec - 5.0).abs().max() < 0.5
-    assert sae.cfg.apply_b_dec_to_input is True and sae.unit_norm_decoder
+    zeros = make(arch, b_dec_init="zeros")
+    before = zeros.b_dec.clone()
+    zeros.init_from_data(x)
+    assert torch.equal(zeros.b_dec, before)
 
 
 def test_sparsity_warmup():

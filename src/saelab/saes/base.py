@@ -15,6 +15,18 @@ from torch import Tensor, nn
 from saelab.config import SAEConfig
 
 
+def geometric_median(x_ND: Tensor, iters: int = 100, tol: float = 1e-5) -> Tensor:
+    """Weiszfeld iteration (METHODS §0.7)."""
+    y_D = x_ND.mean(0)
+    for _ in range(iters):
+        w_N = 1.0 / (x_ND - y_D).norm(dim=1).clamp_min(1e-8)
+        y_new = (w_N[:, None] * x_ND).sum(0) / w_N.sum()
+        if (y_new - y_D).norm() <= tol * y_D.norm().clamp_min(1e-8):
+            return y_new
+        y_D = y_new
+    return y_D
+
+
 class SAEOutput(NamedTuple):
     recon: Tensor
     latents: Tensor
@@ -175,7 +187,14 @@ class SAE(nn.Module):
 
     @torch.no_grad()
     def init_from_data(self, x_ND: Tensor) -> None:
-        """Data-dependent initialisation (e.g. geometric-median b_dec); default: nothing."""
+        """Data-dependent initialisation from a (normalised) sample: ``b_dec`` per
+        ``cfg.b_dec_init``."""
+        mode = self.cfg.b_dec_init
+        if mode == "zeros":
+            return
+        x = x_ND.float()
+        centre = geometric_median(x) if mode == "geometric_median" else x.mean(0)
+        self.b_dec.copy_(centre.to(self.b_dec.dtype))
 
     # ---- saving ---------------------------------------------------------------------------------
     def saelens_extra_cfg(self) -> dict[str, Any]:

@@ -4,8 +4,9 @@
   ``λ Σ_i f_i ‖d_i‖`` with no decoder-norm constraint (N2), decoder rows initialised at norm
   ``init_decoder_norm`` (0.1, as SAELens and dictionary_learning), ``W_enc = W_decᵀ``.
 - ``tm`` (Towards Monosemanticity): ``b_dec`` subtracted before encoding, plain L1 with unit-norm
-  decoder rows (N1), ``b_dec`` initialised to the geometric median of a data sample. Neuron
-  resampling (§1.4, [U] in detail) is not implemented yet.
+  decoder rows (N1). Neuron resampling (§1.4, [U] in detail) is not implemented yet.
+
+Both initialise ``b_dec`` from data (``b_dec_init``, geometric median by default; §0.7).
 
 Loss scale: per-token SSE averaged over the batch, on inputs normalised so that
 ``E‖x‖ = √d`` by default (§0.3); the default ``λ`` assumes that scale.
@@ -20,18 +21,6 @@ from saelab.saes.base import SAE, LossOutput
 from saelab.saes.registry import register
 
 
-def geometric_median(x_ND: Tensor, iters: int = 100, tol: float = 1e-5) -> Tensor:
-    """Weiszfeld iteration (METHODS §0.7)."""
-    y_D = x_ND.mean(0)
-    for _ in range(iters):
-        w_N = 1.0 / (x_ND - y_D).norm(dim=1).clamp_min(1e-8)
-        y_new = (w_N[:, None] * x_ND).sum(0) / w_N.sum()
-        if (y_new - y_D).norm() <= tol * y_D.norm().clamp_min(1e-8):
-            return y_new
-        y_D = y_new
-    return y_D
-
-
 @register
 class ReLUSAE(SAE):
     architecture = "relu"
@@ -42,7 +31,8 @@ class ReLUSAE(SAE):
         "apply_b_dec_to_input": lambda v: v["variant"] == "tm",
         "l1_coefficient": lambda v: 5.0 if v["variant"] == "april" else 5.0,
     }
-    train_defaults = {"lr": 5e-5, "adam_beta1": 0.9}
+    # LR 1e-3, not the April recipe's 5e-5 [R]: that assumes ~200k steps; our budgets are ~500.
+    train_defaults = {"lr": 1e-3, "adam_beta1": 0.9}
 
     def __init__(self, cfg, device=None, dtype=torch.float32):
         super().__init__(cfg, device=device, dtype=dtype)
@@ -58,11 +48,6 @@ class ReLUSAE(SAE):
         self.init_tied_(generator, row_norm=norm)
         self.b_enc.zero_()
         self.b_dec.zero_()
-
-    @torch.no_grad()
-    def init_from_data(self, x_ND: Tensor) -> None:
-        if self.cfg.variant == "tm":
-            self.b_dec.copy_(geometric_median(x_ND.float()).to(self.b_dec.dtype))
 
     def pre_acts(self, x_BD: Tensor) -> Tensor:
         return self._input_for_encoder(x_BD, self.W_enc) + self.b_enc
