@@ -193,7 +193,7 @@ class TrainConfig:
 
     tokens: int = opt(2_000_000, "Training token budget (activation rows seen by the optimiser).")
     batch_size: int = opt(4096, "Activation rows per optimiser step.")
-    lr: float | None = opt(None, "Adam learning rate; default per family (gated 3e-4, relu 5e-5... see docs).")
+    lr: float | None = opt(None, "Adam learning rate; default per family (gated 1e-3, relu 1e-3: tuned for ~500-step budgets).")
     adam_beta1: float | None = opt(None, "Adam beta1; default per family (gated 0.0, relu 0.9).")
     adam_beta2: float = opt(0.999, "Adam beta2.")
     adam_eps: float = opt(1e-8, "Adam epsilon.")

@@ -126,17 +126,15 @@ def train_run(cfg: RunConfig, progress: bool = True, log=print) -> RunSummary:
     if not cfg.resume:
         atomic_write_json(out / RUN_CONFIG, asdict(cfg))
     trainer = Trainer(sae, cfg.train, run_dir=out, input_scale=scale, progress=progress)
-    start = 0
+    start = trainer.resume() if cfg.resume else 0
     if cfg.resume:
-        start = trainer.resume()
         log(f"resuming at step {start}/{trainer.total_steps}")
-    else:
-        stream0 = ActivationStream(store, cfg.train.batch_size, cfg.train.shuffle_buffer_rows,
-                                   seed=cfg.train.seed, device=device, drop_positions_below=drop)
-        sae.init_from_data(stream0.sample(min(32_768, store.num_rows), seed=cfg.train.seed) * scale)
     stream = ActivationStream(store, cfg.train.batch_size, cfg.train.shuffle_buffer_rows,
                               seed=cfg.train.seed, device=device, start_batch=start,
                               drop_positions_below=drop)
+    if not cfg.resume:
+        # Sampling reads its own shards; it does not advance the batch stream.
+        sae.init_from_data(stream.sample(min(32_768, store.num_rows), seed=cfg.train.seed) * scale)
     result = trainer.fit(iter(stream))
     log(f"trained {result.steps} steps ({result.tokens:,} tokens) at "
         f"{result.tokens_per_second:,.0f} tokens/s")

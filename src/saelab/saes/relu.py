@@ -29,7 +29,7 @@ class ReLUSAE(SAE):
     defaults = {
         "variant": "april",
         "apply_b_dec_to_input": lambda v: v["variant"] == "tm",
-        "l1_coefficient": lambda v: 5.0 if v["variant"] == "april" else 5.0,
+        "l1_coefficient": 5.0,
     }
     # LR 1e-3, not the April recipe's 5e-5 [R]: that assumes ~200k steps; our budgets are ~500.
     train_defaults = {"lr": 1e-3, "adam_beta1": 0.9}
