@@ -81,10 +81,10 @@ def test_interrupted_run_resumes_to_identical_weights(tiny, tmp_path, monkeypatc
     part = tmp_path / "part"
     real_step = Trainer._train_step
 
-    def interrupt_at_step_7(self, x):
+    def interrupt_at_step_7(self, x, *rest):
         if self.step == 7:
             raise KeyboardInterrupt
-        return real_step(self, x)
+        return real_step(self, x, *rest)
 
     monkeypatch.setattr(Trainer, "_train_step", interrupt_at_step_7)
     assert main(train_args(tiny, part)) == 130

@@ -69,7 +69,7 @@ def test_roundtrip_same_outputs_and_config(tmp_path, arch, variant):
         assert p.device.type == "cpu" and p.requires_grad, name
 
     cfg = sio.read_metadata(out)
-    assert cfg["architecture"] == sae.saelens_architecture
+    assert cfg["architecture"] == (sae.saelens_architecture or f"saelab.{arch}")
     assert (cfg["d_in"], cfg["d_sae"], cfg["dtype"]) == (D_IN, D_SAE, "float32")
     assert cfg["normalize_activations"] == "none"
     assert cfg["apply_b_dec_to_input"] == sae.cfg.apply_b_dec_to_input

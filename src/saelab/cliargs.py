@@ -14,11 +14,15 @@ def _base_type(hint: Any) -> type:
 
 
 def add_dataclass_args(parser: argparse.ArgumentParser, cls: type, prefix: str = "",
-                       skip: tuple[str, ...] = ()) -> None:
+                       skip: tuple[str, ...] = (), root: argparse.ArgumentParser | None = None
+                       ) -> None:
     """Add one option per leaf field of (possibly nested) dataclass ``cls``.
 
-    Nested dataclasses are flattened; ``dest`` is the dotted path so ``build`` can rebuild them.
+    Nested dataclasses are flattened into one help group each (groups hang off ``root``:
+    argparse deprecates groups inside groups); ``dest`` is the dotted path so ``build`` can
+    rebuild them.
     """
+    root = root or parser
     hints = typing.get_type_hints(cls)
     for f in dataclasses.fields(cls):
         path = f"{prefix}{f.name}"
@@ -26,8 +30,9 @@ def add_dataclass_args(parser: argparse.ArgumentParser, cls: type, prefix: str =
             continue
         hint = hints[f.name]
         if dataclasses.is_dataclass(hint):
-            group = parser.add_argument_group(hint.__doc__.splitlines()[0] if hint.__doc__ else f.name)
-            add_dataclass_args(group, hint, prefix=f"{path}.", skip=skip)  # type: ignore[arg-type]
+            title = " ".join(hint.__doc__.split("\n\n")[0].split()) if hint.__doc__ else f.name
+            group = root.add_argument_group(title)
+            add_dataclass_args(group, hint, prefix=f"{path}.", skip=skip, root=root)  # type: ignore[arg-type]
             continue
         flag = "--" + (f.metadata.get("flag") or f.name).replace("_", "-")
         help_text = f.metadata.get("help", "")

@@ -131,6 +131,133 @@ class HarvestConfig:
 
 
 @dataclass
+class JumpReLUOptions:
+    """JumpReLU training (METHODS §3): straight-through estimators and the sparsity loss."""
+
+    bandwidth: float = opt(
+        0.001, "Kernel bandwidth epsilon of the threshold pseudo-derivatives (§3.3; [R]).",
+        flag="jumprelu_bandwidth")
+    init_threshold: float = opt(0.001, "Initial threshold theta of every latent (§3.4; [R]).",
+                                flag="jumprelu_init_threshold")
+    sparsity_loss: str = opt(
+        "l0", "Sparsity term: l0 (lambda * L0, §3.2), target_l0 ((L0/target - 1)^2, §3.7, the "
+        "dictionary_learning default) or tanh (Anthropic Jan-2025 lambda*sum tanh(c f ||d||)).",
+        flag="jumprelu_sparsity_loss", choices=("l0", "target_l0", "tanh"))
+    target_l0: float = opt(20.0, "Target L0 of the target_l0 sparsity loss.",
+                           flag="jumprelu_target_l0")
+    tanh_c: float = opt(4.0, "c of the tanh sparsity loss.", flag="jumprelu_tanh_c")
+    pre_act_coefficient: float = opt(
+        0.0, "Coefficient of the pre-activation loss sum ReLU(theta - pi)*||d|| on dead latents "
+        "(tanh variant; Anthropic uses ~3e-6); 0 disables.", flag="jumprelu_pre_act_coefficient")
+
+
+@dataclass
+class TopKOptions:
+    """TopK-family settings shared by topk, batchtopk, abstopk, mutual/feature choice,
+    matryoshka, vsae and gsae (METHODS §4, §0.6)."""
+
+    k: int = opt(32, "Active latents per token (per-token for topk/abstopk/gsae/vsae, batch "
+                 "average for batchtopk/mutual_choice/feature_choice/matryoshka).")
+    aux_k: int = opt(0, "k_aux of the AuxK dead-latent loss (§0.6); 0 = d_in // 2 "
+                     "(sparsify / dictionary_learning).")
+    aux_coefficient: float = opt(1 / 32, "alpha of the AuxK loss (§0.6); 0 disables it.")
+    aux_scale_by_dead: bool = opt(
+        False, "Scale AuxK by min(n_dead / k_aux, 1) (the sparsify variant, §0.6).")
+    multi_topk: bool = opt(False, "topk only: add the Multi-TopK term L(4k)/8 (§4.2).")
+    threshold_beta: float = opt(
+        0.999, "EMA factor of the inference threshold of batchtopk / mutual_choice / "
+        "matryoshka / feature_choice (§4.8, §6.5).")
+    threshold_start_fraction: float = opt(
+        0.1, "Start estimating inference thresholds after this fraction of training steps.")
+
+
+@dataclass
+class ChoiceOptions:
+    """Feature Choice / Mutual Choice (METHODS §6)."""
+
+    capacity: str = opt(
+        "uniform", "feature_choice capacity per latent: uniform (m = ceil(k*B/M)) or zipf "
+        "(m_j proportional to 1/(j+1)^s, normalised to k*B; the parameterisation is [U]).",
+        choices=("uniform", "zipf"))
+    zipf_exponent: float = opt(1.0, "s of the zipf capacity and of aux_zipf_loss's reference "
+                               "curve when not fitted ([U]).")
+    aux_zipf: bool = opt(
+        False, "EXPERIMENTAL: aux_zipf_loss (§6.4). The spec's formula is a proposal, not the "
+        "paper's (unpublished): AuxK restricted to latents firing below kappa x a Zipf fit.")
+    zipf_kappa: float = opt(0.5, "kappa of aux_zipf_loss: 'underutilised' below kappa x fit.")
+
+
+@dataclass
+class MatryoshkaOptions:
+    """Matryoshka SAE over BatchTopK (METHODS §13.1)."""
+
+    group_fractions: str = opt(
+        "0.0625,0.0625,0.125,0.25,0.5",
+        "Comma-separated fractions of d_sae per nested group, in order (official example "
+        "[M/16, M/16, M/8, M/4, M/2]); normalised to sum to 1.")
+    include_b_dec_term: bool = opt(
+        True, "Include the b_dec-only reconstruction (j = 0) in the mean over prefixes, as the "
+        "official repo does.")
+
+
+@dataclass
+class AFAOptions:
+    """top-AFA (METHODS §10)."""
+
+    afa_coefficient: float = opt(1 / 32, "lambda_AFA of the norm-alignment loss (§10.3).")
+    afa_target: str = opt(
+        "uncentered", "Target of the AFA loss: uncentered ||x|| (the reference code) or "
+        "centered ||x - b_dec|| (what the selection uses).", choices=("uncentered", "centered"))
+    selection: str = opt(
+        "nearest", "k* rule: nearest cumulative norm to ||x_c|| (reference code) or the first "
+        "that exceeds it.", choices=("nearest", "first_exceeding"))
+
+
+@dataclass
+class VSAEOptions:
+    """Variational SAE (METHODS §11)."""
+
+    variance: str = opt("learned", "Posterior variance: learned (log sigma^2 head) or fixed.",
+                        choices=("learned", "fixed"))
+    fixed_var_sampling: str = opt(
+        "off", "Fixed variance only: off (the code's var_flag=0: z = mu, KL = ||z||^2/2) or "
+        "unit_variance (the write-up: z = mu + eps).", choices=("off", "unit_variance"))
+    kl_coefficient: float = opt(1.0, "Full KL coefficient beta_KL (code default 500; logged "
+                                "runs 1e-4..100).")
+    kl_warmup_fraction: float = opt(0.1, "Linear KL warm-up over this fraction of steps.")
+
+
+@dataclass
+class GBAOptions:
+    """Group Bias Adaptation (METHODS §8; defaults [U] from a third-party reimplementation)."""
+
+    groups: int = opt(10, "K groups with geometrically spaced target activation frequencies.")
+    htf: float = opt(0.1, "Highest target activation frequency.")
+    ltf: float = opt(0.001, "Lowest target activation frequency.")
+    buffer_tokens: int = opt(40_960, "Tokens between bias updates (N_buf).")
+    gamma_minus: float = opt(0.01, "Rate at which over-firing latents' biases fall.")
+    gamma_plus: float = opt(0.01, "Rate at which (almost) dead latents' biases rise.")
+    dead_eps: float = opt(1e-6, "Firing frequency below which a latent counts as dead.")
+    b_min: float = opt(-1.0, "Lower bound of the adapted biases.")
+    b_max: float = opt(0.0, "Upper bound of the adapted biases.")
+    activation: str = opt(
+        "jumprelu_bias_gate", "relu (u = w.x + b) or jumprelu_bias_gate (output w.x, gated "
+        "by w.x + b > 0).", choices=("relu", "jumprelu_bias_gate"))
+    tied: bool = opt(False, "Tie the decoder to the encoder (decoder = encoder^T).")
+
+
+@dataclass
+class GSAEOptions:
+    """Gradient TopK SAE (METHODS §7): selection by z + beta z |g W_dec^T|."""
+
+    beta: float = opt(1.0, "beta of the selection score; 0 = plain TopK ([U] default).",
+                      flag="gsae_beta")
+    grad_norm: str = opt(
+        "batch_mean_l2", "Normalisation of the LM-loss gradient g before scoring ([U]).",
+        choices=("none", "per_token_l2", "batch_mean_l2"))
+
+
+@dataclass
 class SAEConfig:
     """Architecture and hyperparameters of one SAE. ``None`` means the family's default."""
 
@@ -164,6 +291,14 @@ class SAEConfig:
         "at these learning rates needs tens of thousands of steps to learn from zero.",
         choices=("geometric_median", "mean", "zeros"),
     )
+    topk: TopKOptions = field(default_factory=TopKOptions)
+    jumprelu: JumpReLUOptions = field(default_factory=JumpReLUOptions)
+    choice: ChoiceOptions = field(default_factory=ChoiceOptions)
+    matryoshka: MatryoshkaOptions = field(default_factory=MatryoshkaOptions)
+    afa: AFAOptions = field(default_factory=AFAOptions)
+    vsae: VSAEOptions = field(default_factory=VSAEOptions)
+    gba: GBAOptions = field(default_factory=GBAOptions)
+    gsae: GSAEOptions = field(default_factory=GSAEOptions)
 
     def validate(self) -> None:
         from saelab.saes.registry import architectures
@@ -185,6 +320,27 @@ class SAEConfig:
             )
         if self.init_decoder_norm <= 0:
             raise ConfigError(f"--init-decoder-norm must be > 0, got {self.init_decoder_norm}")
+        t = self.topk
+        if t.k < 1:
+            raise ConfigError(f"--k must be at least 1, got {t.k}")
+        if t.k > self.d_sae:
+            raise ConfigError(f"--k ({t.k}) cannot exceed --d-sae ({self.d_sae})")
+        if t.aux_k < 0 or t.aux_coefficient < 0:
+            raise ConfigError("--aux-k and --aux-coefficient must be >= 0")
+        if not 0 <= t.threshold_beta < 1 or not 0 <= t.threshold_start_fraction < 1:
+            raise ConfigError("--threshold-beta and --threshold-start-fraction must be in [0, 1)")
+        if self.jumprelu.bandwidth <= 0 or self.jumprelu.init_threshold <= 0:
+            raise ConfigError("--jumprelu-bandwidth and --jumprelu-init-threshold must be > 0")
+        fracs = parse_fractions(self.matryoshka.group_fractions)
+        if not fracs or any(f <= 0 for f in fracs):
+            raise ConfigError(
+                f"--group-fractions must be positive comma-separated numbers, got "
+                f"{self.matryoshka.group_fractions!r}")
+        g = self.gba
+        if g.groups < 1 or not 0 < g.ltf <= g.htf <= 1 or g.buffer_tokens < 1:
+            raise ConfigError("GBA needs --groups >= 1, 0 < --ltf <= --htf <= 1, --buffer-tokens >= 1")
+        if not g.b_min <= g.b_max:
+            raise ConfigError(f"--b-min ({g.b_min}) must be <= --b-max ({g.b_max})")
 
 
 @dataclass
@@ -201,8 +357,10 @@ class TrainConfig:
     lr_decay_fraction: float = opt(0.2, "Linear LR decay to 0 over this final fraction of steps.")
     l1_warmup_fraction: float = opt(0.05, "Linear sparsity-coefficient warm-up over this fraction of steps.")
     grad_clip: float = opt(1.0, "Gradient-norm clipping threshold; 0 disables.")
-    dead_window_tokens: int = opt(
-        10_000_000, "A latent is dead if it has not fired in this many training tokens (METHODS §0.5)."
+    dead_window_tokens: int | None = opt(
+        None, "A latent is dead if it has not fired in this many training tokens (METHODS §0.5; "
+        "drives AuxK). Default: min(10M, a fifth of --tokens); the spec's 10M-token default "
+        "would never mark a latent dead in a run shorter than 10M tokens."
     )
     checkpoint_every: int = opt(200, "Write a checkpoint every N steps (atomically); 0 = only at the end.")
     log_every: int = opt(10, "Log metrics every N steps to metrics.jsonl.")
@@ -228,7 +386,7 @@ class TrainConfig:
             if not 0 <= v <= 1:
                 raise ConfigError(f"--{name.replace('_', '-')} must be in [0, 1], got {v}")
         for name in ("lr_warmup_steps", "checkpoint_every", "grad_clip", "dead_window_tokens"):
-            if getattr(self, name) < 0:
+            if (getattr(self, name) or 0) < 0:
                 raise ConfigError(f"--{name.replace('_', '-')} must be >= 0, got {getattr(self, name)}")
         if self.log_every < 1:
             raise ConfigError(f"--log-every must be at least 1, got {self.log_every}")
@@ -236,6 +394,11 @@ class TrainConfig:
     @property
     def total_steps(self) -> int:
         return max(1, self.tokens // self.batch_size)
+
+    def dead_window(self) -> int:
+        if self.dead_window_tokens is not None:
+            return self.dead_window_tokens
+        return min(10_000_000, max(self.batch_size, self.tokens // 5))
 
 
 @dataclass
@@ -286,6 +449,14 @@ class RunConfig:
             raise ConfigError("--out is required")
         if self.harvest_tokens < 0:
             raise ConfigError(f"--harvest-tokens must be >= 0, got {self.harvest_tokens}")
+
+
+def parse_fractions(text: str) -> list[float]:
+    """'0.25,0.75' -> [0.25, 0.75]; [] if unparsable."""
+    try:
+        return [float(v) for v in str(text).split(",") if v.strip()]
+    except ValueError:
+        return []
 
 
 def to_dict(cfg: Any) -> dict:

@@ -221,6 +221,11 @@ def load_sae(
     _check_tensors(sae, tensors, weights_path)
     state = {k: t.to(target_dtype) for k, t in tensors.items()}
     sae.load_state_dict(state, assign=True)
+    # Non-persistent buffers (training-only state) are not in the file: materialise as zeros.
+    for module in sae.modules():
+        for name, buf in list(module._buffers.items()):
+            if buf is not None and buf.is_meta:
+                module._buffers[name] = torch.zeros_like(buf, device="cpu")
     return sae.to(device or "cpu")
 
 

@@ -33,12 +33,18 @@ class SAEOutput(NamedTuple):
 
 
 class LossOutput(NamedTuple):
-    """A training loss plus what the trainer needs without recomputing the forward pass."""
+    """A training loss plus what the trainer needs without recomputing the forward pass.
+
+    Sparse families may leave ``latents`` as None (no dense ``[B, F]`` code is ever built) and
+    give ``fired_F`` (bool: latent fired in this batch) and ``l0`` (mean active per token).
+    """
 
     total: Tensor
     terms: dict[str, Tensor]
-    latents: Tensor  # [B, F], for dead-latent tracking and L0 logging
+    latents: Tensor | None  # [B, F], for dead-latent tracking and L0 logging
     recon: Tensor  # [B, D]
+    fired_F: Tensor | None = None
+    l0: Tensor | None = None
 
 
 class SAE(nn.Module):
@@ -52,6 +58,8 @@ class SAE(nn.Module):
     #: the SAELens ``architecture`` this family saves as (None: not loadable by SAELens)
     saelens_architecture: ClassVar[str | None] = None
     trainable: ClassVar[bool] = True
+    #: True if training needs the LM-loss gradient at the hook beside each activation (g-SAE)
+    uses_lm_grads: ClassVar[bool] = False
     defaults: ClassVar[dict[str, Any]] = {}
     train_defaults: ClassVar[dict[str, Any]] = {}
     variants: ClassVar[tuple[str, ...]] = ()
@@ -73,6 +81,8 @@ class SAE(nn.Module):
         self.b_dec = nn.Parameter(torch.zeros(d_in, **kw))
         #: steps over which the sparsity coefficient ramps up linearly (set by the trainer)
         self.sparsity_warmup_steps = 0
+        #: optimiser steps of the whole run (set by the trainer; 0 = unknown)
+        self.total_steps = 0
 
     # ---- configuration -------------------------------------------------------------------
     @classmethod
@@ -80,6 +90,7 @@ class SAE(nn.Module):
         """Fill ``None`` fields with this family's defaults; returns a copy."""
         import dataclasses
 
+        from saelab.config import from_dict
         from saelab.errors import ConfigError
 
         values = dataclasses.asdict(cfg)
@@ -91,7 +102,7 @@ class SAE(nn.Module):
                 f"unknown variant {values['variant']!r} for {cls.architecture}: choose one of "
                 f"{', '.join(cls.variants)}"
             )
-        return SAEConfig(**values)
+        return from_dict(SAEConfig, values)
 
     @property
     def d_in(self) -> int:
@@ -117,8 +128,28 @@ class SAE(nn.Module):
         f_BF = self.encode(x_BD)
         return SAEOutput(self.decode(f_BF), f_BF)
 
-    def loss(self, x_BD: Tensor, step: int) -> LossOutput:
+    def loss(self, x_BD: Tensor, step: int, *, dead_mask_F: Tensor | None = None,
+             grad_BD: Tensor | None = None) -> LossOutput:
+        """Training loss on a batch of (normalised) activations.
+
+        ``dead_mask_F``: latents the trainer counts as dead (§0.5), for AuxK-style losses.
+        ``grad_BD``: the LM-loss gradient at the hook for each row (only families with
+        ``uses_lm_grads``). Families ignore what they do not use. ``encode`` is always the
+        inference function; batch-dependent selection (BatchTopK, Feature Choice, ...) happens
+        here only.
+        """
         raise NotImplementedError(f"{self.architecture} SAEs are not trainable")
+
+    def after_step(self, step: int, out: LossOutput) -> None:
+        """Called by the trainer after each optimiser step and decoder renormalisation
+        (e.g. GBA's bias adaptation). ``step`` is the step just taken (0-based)."""
+
+    def training_state(self) -> dict[str, Tensor]:
+        """Extra tensors (not in ``state_dict``) a checkpoint must hold to resume exactly."""
+        return {}
+
+    def load_training_state(self, tensors: dict[str, Tensor]) -> None:
+        """Restore what :meth:`training_state` returned."""
 
     def sparsity_scale(self, step: int) -> float:
         """Multiplier on the sparsity coefficient: linear warm-up (METHODS §0.8)."""

@@ -67,7 +67,7 @@ class GatedSAE(SAE):
         pi_gate_BF, pi_mag_BF = self._pre_acts(x_BD)
         return torch.where(pi_gate_BF > 0, torch.relu(pi_mag_BF), 0.0)
 
-    def loss(self, x_BD: Tensor, step: int) -> LossOutput:
+    def loss(self, x_BD: Tensor, step: int, **_: Tensor | None) -> LossOutput:
         # The Heaviside gate passes no gradient: W_gate/b_gate learn only from L1 and aux.
         f_BF, gate_BF = GatedEncode.apply(x_BD, self.W_enc, self.b_dec, self.b_gate, self.r_mag,
                                           self.b_mag, bool(self.cfg.apply_b_dec_to_input))

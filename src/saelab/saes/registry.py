@@ -21,9 +21,22 @@ def register(cls: type[SAE]) -> type[SAE]:
     return cls
 
 
+#: modules of saelab.saes that hold shared parts, not families
+_NOT_FAMILIES = {"base", "registry", "sparse"}
+
+
 def _load_families() -> None:
-    # Imported lazily so `saelab.config` can validate names without a cycle.
-    from saelab.saes import gated, jumprelu, relu  # noqa: F401
+    """Import every family module of ``saelab.saes`` (one file per family registers itself).
+
+    Lazy, so `saelab.config` can validate names without an import cycle."""
+    import importlib
+    import pkgutil
+
+    import saelab.saes as pkg
+
+    for mod in pkgutil.iter_modules(pkg.__path__):
+        if not mod.name.startswith("_") and mod.name not in _NOT_FAMILIES:
+            importlib.import_module(f"saelab.saes.{mod.name}")
 
 
 def architectures(trainable_only: bool = False) -> dict[str, type[SAE]]:

@@ -55,7 +55,7 @@ class ReLUSAE(SAE):
     def encode(self, x_BD: Tensor) -> Tensor:
         return torch.relu(self.pre_acts(x_BD))
 
-    def loss(self, x_BD: Tensor, step: int) -> LossOutput:
+    def loss(self, x_BD: Tensor, step: int, **_: Tensor | None) -> LossOutput:
         f_BF = self.encode(x_BD)
         recon_BD = self.decode(f_BF)
         mse = (recon_BD - x_BD).pow(2).sum(-1).mean()

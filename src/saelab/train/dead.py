@@ -20,8 +20,12 @@ class DeadLatentTracker:
 
     @torch.no_grad()
     def update(self, latents_BF: Tensor) -> None:
-        fired_F = (latents_BF > self.eps).any(dim=0)
-        self.tokens_since_fired.add_(latents_BF.shape[0]).masked_fill_(fired_F, 0)
+        # |f| so signed families (AbsTopK) count negative codes as firing
+        self.update_fired((latents_BF.abs() > self.eps).any(dim=0), latents_BF.shape[0])
+
+    @torch.no_grad()
+    def update_fired(self, fired_F: Tensor, n_tokens: int) -> None:
+        self.tokens_since_fired.add_(n_tokens).masked_fill_(fired_F, 0)
 
     def dead_mask(self) -> Tensor:
         return self.tokens_since_fired > self.window_tokens

@@ -61,23 +61,27 @@ class Trainer:
         self.device = sae.W_dec.device
         self.total_steps = cfg.total_steps
         sae.sparsity_warmup_steps = sparsity_warmup_steps(self.total_steps, cfg.l1_warmup_fraction)
+        sae.total_steps = self.total_steps
 
         defaults = type(sae).train_defaults
-        self.base_lr = cfg.lr if cfg.lr is not None else defaults.get("lr", 3e-4)
+        lr = cfg.lr if cfg.lr is not None else defaults.get("lr", 3e-4)
+        self.base_lr = float(lr(sae) if callable(lr) else lr)
         beta1 = cfg.adam_beta1 if cfg.adam_beta1 is not None else defaults.get("adam_beta1", 0.9)
-        self.named_params = dict(sae.named_parameters())
+        # Parameters a family adapts outside the optimiser (GBA's biases) have requires_grad off.
+        self.named_params = {n: p for n, p in sae.named_parameters() if p.requires_grad}
         self.opt = torch.optim.Adam(
             list(self.named_params.values()), lr=self.base_lr, betas=(beta1, cfg.adam_beta2),
             eps=cfg.adam_eps, foreach=True,
         )
-        self.dead = DeadLatentTracker(sae.d_sae, cfg.dead_window_tokens, self.device)
+        self.dead = DeadLatentTracker(sae.d_sae, cfg.dead_window(), self.device)
         self.step = 0
         self._wandb = _init_wandb(cfg, sae) if cfg.wandb_project else None
 
     # ---- state -------------------------------------------------------------------------------
     def state_tensors(self) -> dict[str, Tensor]:
         names = {p: n for n, p in self.named_params.items()}
-        tensors = {f"sae.{n}": p for n, p in self.named_params.items()}
+        tensors = {f"sae.{n}": t for n, t in self.sae.state_dict().items()}
+        tensors.update({f"family.{n}": t for n, t in self.sae.training_state().items()})
         tensors.update(optimizer_tensors(self.opt, names))
         tensors["dead.tokens_since_fired"] = self.dead.tokens_since_fired
         return tensors
@@ -105,11 +109,14 @@ class Trainer:
                 "settings or pass --overwrite"
             )
         with torch.no_grad():
-            for n, p in self.named_params.items():
+            for n, p in self.sae.state_dict().items():
                 key = f"sae.{n}"
                 if key not in ckpt.tensors or ckpt.tensors[key].shape != p.shape:
                     raise CheckpointError(f"damaged checkpoint: tensor {key} missing or misshapen")
                 p.copy_(ckpt.tensors[key])
+        prefix = "family."
+        self.sae.load_training_state({k[len(prefix):]: v.to(self.device)
+                                      for k, v in ckpt.tensors.items() if k.startswith(prefix)})
         restore_optimizer(self.opt, self.named_params, ckpt.tensors)
         self.dead.tokens_since_fired.copy_(ckpt.tensors["dead.tokens_since_fired"])
         self.input_scale = float(m["input_scale"])
@@ -120,7 +127,8 @@ class Trainer:
     # ---- loop ---------------------------------------------------------------------------------
     def fit(self, batches: Iterator[Tensor], stop_after: int | None = None) -> TrainResult:
         """Train from ``self.step`` to ``total_steps`` (or for ``stop_after`` steps, for tests
-        that simulate an interruption). ``batches`` must start at batch ``self.step``."""
+        that simulate an interruption). ``batches`` must start at batch ``self.step``; a batch
+        is ``x_BD`` or ``(x_BD, grad_BD)`` (LM-loss gradients, for families that use them)."""
         cfg, sae = self.cfg, self.sae
         end = self.total_steps if stop_after is None else min(self.total_steps, self.step + stop_after)
         bar = _progress(self.total_steps, self.step, self.progress)
@@ -129,13 +137,23 @@ class Trainer:
         it = iter(batches)
         while self.step < end:
             try:
-                x_BD = next(it)
+                batch = next(it)
             except StopIteration:
                 raise ConfigError("the batch iterator ran out before the token budget") from None
+            x_BD, grad_BD = batch if isinstance(batch, tuple | list) else (batch, None)
             x_BD = x_BD.to(self.device, sae.W_dec.dtype, non_blocking=True)
+            if grad_BD is not None:
+                # d loss / d(c x) = (1/c) d loss / dx: the gradient at the normalised input
+                grad_BD = grad_BD.to(self.device, sae.W_dec.dtype, non_blocking=True)
+                if self.input_scale != 1.0:
+                    grad_BD = grad_BD / self.input_scale
+            elif sae.uses_lm_grads:
+                raise ConfigError(
+                    f"{sae.architecture} needs LM-loss gradients beside the activations: "
+                    "harvest the store with --with-grads")
             if self.input_scale != 1.0:
                 x_BD = x_BD * self.input_scale
-            out = self._train_step(x_BD)
+            out = self._train_step(x_BD, grad_BD)
             self.step += 1
             if self.step % cfg.log_every == 0 or self.step == end:
                 last = self._log(x_BD, out, t0, start_step)
@@ -154,9 +172,9 @@ class Trainer:
         return TrainResult(self.step, self.step * cfg.batch_size, secs,
                            tokens / secs if secs > 0 else 0.0, last)
 
-    def _train_step(self, x_BD: Tensor):
+    def _train_step(self, x_BD: Tensor, grad_BD: Tensor | None = None):
         sae, cfg = self.sae, self.cfg
-        out = sae.loss(x_BD, self.step)
+        out = sae.loss(x_BD, self.step, dead_mask_F=self.dead.dead_mask(), grad_BD=grad_BD)
         self.opt.zero_grad(set_to_none=True)
         out.total.backward()
         if sae.unit_norm_decoder:
@@ -170,7 +188,11 @@ class Trainer:
         self.opt.step()
         if sae.unit_norm_decoder:
             sae.normalize_decoder()
-        self.dead.update(out.latents.detach())
+        sae.after_step(self.step, out)
+        if out.fired_F is not None:
+            self.dead.update_fired(out.fired_F, x_BD.shape[0])
+        else:
+            self.dead.update(out.latents.detach())
         return out
 
     # ---- logging ------------------------------------------------------------------------------
@@ -191,7 +213,8 @@ class Trainer:
             "tokens": self.step * self.cfg.batch_size,
             "loss": total,
             **{k: v.item() for k, v in out.terms.items()},
-            "l0": (out.latents > 0).sum(-1).float().mean().item(),
+            "l0": (out.l0 if out.l0 is not None
+                   else (out.latents != 0).sum(-1).float().mean()).item(),
             "fvu": (sse / var).item(),
             "dead_fraction": self.dead.dead_fraction().item(),
             "lr": self.opt.param_groups[0]["lr"],
