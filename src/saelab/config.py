@@ -276,10 +276,11 @@ class SAEConfig:
     apply_b_dec_to_input: bool | None = opt(
         None, "Subtract b_dec before encoding (METHODS §0.2); default per family/variant."
     )
-    normalize_activations: str = opt(
-        "scalar_sqrt_d",
-        "Input normalisation (METHODS §0.3): none, scalar_sqrt_d (E||x|| = sqrt(d)) or "
-        "scalar_unit_mean_sq_norm (E||x||^2 = 1). Folded into the weights at save time.",
+    normalize_activations: str | None = opt(
+        None,
+        "Input normalisation (METHODS §0.3): none, scalar_sqrt_d (E||x|| = sqrt(d); the "
+        "default of most families) or scalar_unit_mean_sq_norm (E||x||^2 = 1; JumpReLU's). "
+        "Folded into the weights at save time.",
         choices=("none", "scalar_sqrt_d", "scalar_unit_mean_sq_norm"),
     )
     init_decoder_norm: float = opt(0.1, "Row norm of the initial decoder for the April-style ReLU.")

@@ -61,6 +61,8 @@ class SAE(nn.Module):
     #: True if training needs the LM-loss gradient at the hook beside each activation (g-SAE)
     uses_lm_grads: ClassVar[bool] = False
     defaults: ClassVar[dict[str, Any]] = {}
+    #: defaults of every family unless its ``defaults`` says otherwise
+    shared_defaults: ClassVar[dict[str, Any]] = {"normalize_activations": "scalar_sqrt_d"}
     train_defaults: ClassVar[dict[str, Any]] = {}
     variants: ClassVar[tuple[str, ...]] = ()
 
@@ -94,7 +96,7 @@ class SAE(nn.Module):
         from saelab.errors import ConfigError
 
         values = dataclasses.asdict(cfg)
-        for key, value in cls.defaults.items():
+        for key, value in {**SAE.shared_defaults, **cls.defaults}.items():
             if values.get(key) is None:
                 values[key] = value(values) if callable(value) else value
         if cls.variants and values["variant"] not in cls.variants:
