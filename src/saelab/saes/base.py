@@ -58,6 +58,10 @@ class SAE(nn.Module):
     #: the SAELens ``architecture`` this family saves as (None: not loadable by SAELens)
     saelens_architecture: ClassVar[str | None] = None
     trainable: ClassVar[bool] = True
+    #: the config field (dotted path into SAEConfig) that sets this family's sparsity, and the
+    #: levels `saelab sweep` trains by default (low to high L0 where possible)
+    sweep_param: ClassVar[str] = "l1_coefficient"
+    sweep_levels: ClassVar[tuple[float, ...]] = ()
     #: True if training needs the LM-loss gradient at the hook beside each activation (g-SAE)
     uses_lm_grads: ClassVar[bool] = False
     defaults: ClassVar[dict[str, Any]] = {}

@@ -40,6 +40,7 @@ class GatedSAE(SAE):
         "l1_coefficient": 4.0,
     }
     train_defaults = {"lr": 1e-3, "adam_beta1": 0.0}
+    sweep_levels = (8.0, 4.0, 2.0)
 
     def __init__(self, cfg, device=None, dtype=torch.float32):
         super().__init__(cfg, device=device, dtype=dtype)

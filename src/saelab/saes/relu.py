@@ -33,6 +33,7 @@ class ReLUSAE(SAE):
     }
     # LR 1e-3, not the April recipe's 5e-5 [R]: that assumes ~200k steps; our budgets are ~500.
     train_defaults = {"lr": 1e-3, "adam_beta1": 0.9}
+    sweep_levels = (10.0, 5.0, 2.5)
 
     def __init__(self, cfg, device=None, dtype=torch.float32):
         super().__init__(cfg, device=device, dtype=dtype)

@@ -49,6 +49,8 @@ class TopKSAE(SAE):
     saelens_architecture = "topk"
     defaults = {"apply_b_dec_to_input": True}
     train_defaults = {"lr": topk_lr, "adam_beta1": 0.9}
+    sweep_param = "topk.k"
+    sweep_levels = (16, 32, 64)
     #: AbsTopK selects by |π| and keeps signs
     signed = False
 
