@@ -1,174 +1,283 @@
-"""Training throughput of saelab's trainer against named baselines measured in the same run.
+"""Training throughput of saelab against named baselines, measured in the same run.
 
-    .venv/bin/python benchmarks/train_throughput.py [--store STORE] [--steps 8]
-        [--saelens-python /path/to/venv/bin/python]
+    .venv/bin/python benchmarks/train_throughput.py [--store STORE] [--rounds 5] [--steps 2]
+        [--contenders default|all|NAME,...] [--threads 2] [--malloc tuned|default]
 
-Setting: d_in 576 (or the store's), d_sae 4096, batch 4096, fp32, real activations from a store
-when given (else Gaussian rows; throughput does not depend on the values much for dense
-families). Baselines:
+Setting: d_sae 4096, k 32, batch 4096, fp32, ``--threads`` intra-op threads (default 2), d_in
+from the activations. Rows: ``--store`` (a saelab activation store), else a small store of real
+SmolLM2-135M activations (blocks.12.hook_resid_post, d_in 576) harvested once with saelab into
+``benchmarks/.cache/`` (Gaussian rows only if that fails; the table then says so). Rows are
+scaled so ``E‖x‖ = √d`` (saelab's default input normalisation) and every contender trains on the
+same batches.
 
-- ``reference``: the same loss written as plain PyTorch autograd straight from METHODS.md (no
-  fused encoder, default allocator), with torch.optim.Adam — what a direct implementation pays;
-- ``sae_lens``: SAELens's own training step, if ``--saelens-python`` points at a venv with
-  ``sae-lens`` installed (it is not a saelab dependency); run in a subprocess on the same rows.
+Contenders (each a long-lived subprocess, ``benchmarks/_train_worker.py``):
+
+- ``saelab/{topk,batchtopk,gated,relu}``: ``Trainer._train_step``, the trainer's real step;
+- ``sparsify/topk``: EleutherAI sparsify (PyPI ``eai-sparsify`` 1.3.3): the body of its
+  trainer's step around its own ``SparseCoder`` (fused TopK encoder, AuxK, eager decoder), with
+  its ``adam`` optimiser choice;
+- ``sae_lens/{topk,gated}`` (+ ``batchtopk``, ``relu`` with ``--contenders all``): SAELens
+  (PyPI ``sae-lens`` 6.54.12) ``SAETrainer.step`` with each training SAE's default config;
+- ``ceiling/relu``: only the five dense matmuls a ReLU step needs, into preallocated outputs;
+- ``*+auxk``: the TopK contenders again with the same fixed 25% of latents (``--dead-fraction``)
+  marked dead in each library's own dead-latent counter before every step, so AuxK runs.
+
+The baselines are not saelab dependencies: they are installed on first use into a scratch venv
+(``benchmarks/.venv-baselines``, gitignored; torch pinned to the running torch version first so
+pip reuses the local CPU wheel) and run from there; ``--no-baselines`` skips them.
+
+Fairness. Every contender runs in its own process with the same torch build, thread count and
+rows, and the same glibc allocator setting: with ``--malloc tuned`` (default) all of them get
+``GLIBC_TUNABLES`` equivalent to ``saelab.runtime.tune_malloc()`` (no mmap for big blocks, no
+trimming), which is what the saelab CLI applies to itself; ``--malloc default`` leaves glibc's
+defaults for all. Measurements are interleaved because the machine may be shared: every worker
+warms up, then in each of ``--rounds`` rounds each contender (in rotated order) times
+``--steps`` steps. A contender's figure is the median step time over all rounds; the spread
+column is the interquartile range of its step times over the median, and each ratio is also
+given as the range of per-round ratios, so noise is visible.
+
+Targets (project guide): TopK ≥ 1.5× sparsify and ≥ 3× SAELens; Gated ≥ 2× SAELens; ReLU near
+the dense-matmul ceiling (taken here as ≥ 0.8× its tokens/s).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
+import statistics
 import subprocess
 import sys
 import tempfile
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
-D_SAE, BATCH = 4096, 4096
+HERE = Path(__file__).resolve().parent
+WORKER = HERE / "_train_worker.py"
+BASELINE_VENV = HERE / ".venv-baselines"
+BASELINE_PACKAGES = ("eai-sparsify==1.3.3", "sae-lens==6.54.12")
+BATCH = 4096
+DEFAULT = ("saelab/topk", "saelab/batchtopk", "saelab/gated", "saelab/relu", "ceiling/relu",
+           "sparsify/topk", "sae_lens/topk", "sae_lens/gated",
+           "saelab/topk+auxk", "sparsify/topk+auxk", "sae_lens/topk+auxk")
+EXTRA = ("sae_lens/batchtopk", "sae_lens/relu")
+#: (numerator, denominator, minimum ratio, label)
+TARGETS = (
+    ("saelab/topk", "sparsify/topk", 1.5, "TopK vs sparsify"),
+    ("saelab/topk", "sae_lens/topk", 3.0, "TopK vs SAELens"),
+    ("saelab/gated", "sae_lens/gated", 2.0, "Gated vs SAELens"),
+    ("saelab/relu", "ceiling/relu", 0.8, "ReLU vs dense-matmul ceiling"),
+    ("saelab/topk+auxk", "sparsify/topk+auxk", None, "TopK+AuxK vs sparsify"),
+    ("saelab/topk+auxk", "sae_lens/topk+auxk", None, "TopK+AuxK vs SAELens"),
+    ("saelab/batchtopk", "sae_lens/batchtopk", None, "BatchTopK vs SAELens"),
+    ("saelab/relu", "sae_lens/relu", None, "ReLU vs SAELens"),
+)
+#: glibc equivalent of saelab.runtime.tune_malloc()
+TUNED_MALLOC = "glibc.malloc.mmap_max=0:glibc.malloc.trim_threshold=2147483647:" \
+               "glibc.malloc.top_pad=67108864"
 
 
-def load_rows(store: str | None, n: int, d_in: int = 576) -> torch.Tensor:
-    if not store:
-        return torch.randn(n, d_in, generator=torch.Generator().manual_seed(0)) * 5
+# ---- rows ---------------------------------------------------------------------------------------
+def load_rows(store: str | None, n: int) -> tuple[torch.Tensor, str]:
+    """``n`` rows scaled to ``E‖x‖ = √d``, and where they came from."""
     from saelab.data.store import ActivationStore
     from saelab.data.stream import sample_rows
 
-    return sample_rows(ActivationStore.open(store), n)
+    source = store
+    if not source:
+        try:
+            source = str(_harvest_default(n))
+        except Exception as exc:  # no model / corpus on this machine
+            print(f"  (could not harvest real activations: {exc}; using Gaussian rows)")
+            x = torch.randn(n, 576, generator=torch.Generator().manual_seed(0))
+            return _scale(x), "Gaussian noise (d_in 576)"
+    x = sample_rows(ActivationStore.open(source), n)
+    if x.shape[0] < n:
+        raise SystemExit(f"{source} holds {x.shape[0]} rows; the benchmark needs {n}")
+    return _scale(x[:n].float()), source
 
 
-def reference_gated_loss(p: dict, x: torch.Tensor, lam: float) -> torch.Tensor:
-    """METHODS §2.2-2.3 written directly, autograd through every op."""
-    xb = x - p["b_dec"]
-    pi_gate = xb @ p["W_enc"] + p["b_gate"]
-    pi_mag = xb @ (p["W_enc"] * p["r_mag"].exp()) + p["b_mag"]
-    f = (pi_gate > 0).float() * torch.relu(pi_mag)
-    recon = f @ p["W_dec"] + p["b_dec"]
-    gate = torch.relu(pi_gate)
-    aux = gate @ p["W_dec"].detach() + p["b_dec"].detach()
-    return ((recon - x) ** 2).sum(-1).mean() + lam * gate.sum(-1).mean() + \
-        ((aux - x) ** 2).sum(-1).mean()
+def _scale(x: torch.Tensor) -> torch.Tensor:
+    return (x * (x.shape[1] ** 0.5 / x.norm(dim=1).mean())).contiguous()
 
 
-def reference_relu_loss(p: dict, x: torch.Tensor, lam: float) -> torch.Tensor:
-    f = torch.relu(x @ p["W_enc"] + p["b_enc"])
-    recon = f @ p["W_dec"] + p["b_dec"]
-    return ((recon - x) ** 2).sum(-1).mean() + lam * (f * p["W_dec"].norm(dim=1)).sum(-1).mean()
+def _harvest_default(n: int) -> Path:
+    from saelab.config import DataConfig, HarvestConfig, ModelConfig
+    from saelab.harvest import harvest
+
+    path = HERE / ".cache" / f"smollm2-resid12-{n}"
+    print(f"  harvesting {n:,} real activation rows into {path} (once) ...", flush=True)
+    cfg = HarvestConfig(model=ModelConfig(hook="blocks.12.hook_resid_post"), data=DataConfig(),
+                        store=str(path), tokens=n)
+    harvest(cfg, progress=False)
+    return path
 
 
-def time_reference(arch: str, rows: torch.Tensor, steps: int) -> float:
-    d = rows.shape[1]
-    g = torch.Generator().manual_seed(0)
-    p = {"W_enc": torch.randn(d, D_SAE, generator=g) / d**0.5,
-         "W_dec": torch.randn(D_SAE, d, generator=g) / d**0.5,
-         "b_dec": torch.zeros(d), "b_enc": torch.zeros(D_SAE), "b_gate": torch.zeros(D_SAE),
-         "r_mag": torch.zeros(D_SAE), "b_mag": torch.zeros(D_SAE)}
-    for t in p.values():
-        t.requires_grad_(True)
-    opt = torch.optim.Adam(p.values(), lr=1e-4)
-    loss_fn = reference_gated_loss if arch == "gated" else reference_relu_loss
-
-    def step(i: int) -> None:
-        x = rows[(i * BATCH) % (len(rows) - BATCH):][:BATCH]
-        loss = loss_fn(p, x, 1.0)
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-
-    return _time(step, steps)
+# ---- baselines venv -----------------------------------------------------------------------------
+def baselines_python(venv: Path) -> Path:
+    """Python of a venv holding the baselines; created and filled on first use."""
+    py = venv / "bin" / "python"
+    stamp = venv / ".bench-installed"
+    torch_pin = f"torch=={torch.__version__.split('+')[0]}"
+    want = " ".join((torch_pin, *BASELINE_PACKAGES))
+    if py.exists() and stamp.exists() and stamp.read_text().strip() == want:
+        return py
+    print(f"  installing baselines into {venv} ({want}); first run only ...", flush=True)
+    if not py.exists():
+        subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
+    pip = [str(py), "-m", "pip", "install", "-q"]
+    # torch first, pinned to ours: pip then reuses the local CPU wheel instead of a CUDA build
+    subprocess.run([*pip, torch_pin], check=True)
+    subprocess.run([*pip, *BASELINE_PACKAGES], check=True)
+    stamp.write_text(want + "\n")
+    return py
 
 
-def time_saelab(arch: str, rows: torch.Tensor, steps: int) -> float:
-    from saelab.config import SAEConfig, TrainConfig
-    from saelab.saes.registry import build_sae
-    from saelab.train.trainer import Trainer
+# ---- workers ------------------------------------------------------------------------------------
+@dataclass
+class Worker:
+    name: str
+    proc: subprocess.Popen
+    log: Path
+    info: dict = field(default_factory=dict)
+    times: list[float] = field(default_factory=list)
+    rounds: list[float] = field(default_factory=list)  # median step time per round
 
-    sae = build_sae(SAEConfig(architecture=arch, d_in=rows.shape[1], d_sae=D_SAE))
-    tr = Trainer(sae, TrainConfig(tokens=BATCH * (steps + 2) * 10, batch_size=BATCH,
-                                  log_every=10**9, checkpoint_every=0), progress=False)
+    def read(self) -> dict:
+        for line in self.proc.stdout:
+            if line.startswith("BENCH "):
+                return json.loads(line[6:])
+        tail = "".join(self.log.read_text(errors="replace").splitlines(True)[-15:])
+        raise RuntimeError(f"{self.name} exited (code {self.proc.wait()}):\n{tail}")
 
-    def step(i: int) -> None:
-        tr._train_step(rows[(i * BATCH) % (len(rows) - BATCH):][:BATCH])
-        tr.step += 1
+    def run(self, steps: int) -> None:
+        self.proc.stdin.write(f"run {steps}\n")
+        self.proc.stdin.flush()
+        t = self.read()["times"]
+        self.times += t
+        self.rounds.append(statistics.median(t))
 
-    return _time(step, steps)
-
-
-def _time(step, steps: int) -> float:
-    for i in range(2):
-        step(i)
-    t0 = time.perf_counter()
-    for i in range(steps):
-        step(i + 2)
-    return steps * BATCH / (time.perf_counter() - t0)
-
-
-SAELENS_SCRIPT = r"""
-import sys, time, json, torch
-from safetensors.torch import load_file
-from sae_lens.saes.sae import TrainStepInput
-arch, path, steps = sys.argv[1], sys.argv[2], int(sys.argv[3])
-rows = load_file(path)["rows"]
-d = rows.shape[1]
-if arch == "gated":
-    from sae_lens.saes.gated_sae import GatedTrainingSAE as C, GatedTrainingSAEConfig as K
-    cfg = K(d_in=d, d_sae=4096, l1_coefficient=1.0)
-else:
-    from sae_lens.saes.standard_sae import StandardTrainingSAE as C, StandardTrainingSAEConfig as K
-    cfg = K(d_in=d, d_sae=4096, l1_coefficient=1.0)
-sae = C(cfg)
-opt = torch.optim.Adam(sae.parameters(), lr=1e-4)
-def step(i):
-    x = rows[(i * 4096) % (len(rows) - 4096):][:4096]
-    out = sae.training_forward_pass(TrainStepInput(sae_in=x, coefficients={"l1": 1.0},
-                                                   dead_neuron_mask=None, n_training_steps=i,
-                                                   is_logging_step=False))
-    opt.zero_grad(); out.loss.backward(); opt.step()
-for i in range(2): step(i)
-t0 = time.perf_counter()
-for i in range(steps): step(i + 2)
-print(json.dumps({"tps": steps * 4096 / (time.perf_counter() - t0)}))
-"""
+    def close(self) -> None:
+        if self.proc.poll() is None:
+            try:
+                self.proc.stdin.write("quit\n")
+                self.proc.stdin.close()
+            except BrokenPipeError:
+                pass
+            self.proc.wait(timeout=60)
 
 
-def time_saelens(python: str, arch: str, rows: torch.Tensor, steps: int) -> float | None:
-    from safetensors.torch import save_file
+def start(name: str, python: str, rows_path: Path, args) -> Worker:
+    """Start a worker (its stderr, library chatter included, goes to a log beside the rows)."""
+    base, _, variant = name.partition("+")
+    dead = args.dead_fraction if variant == "auxk" else 0.0
+    env = dict(os.environ)
+    env.pop("GLIBC_TUNABLES", None)
+    if args.malloc == "tuned":
+        env["GLIBC_TUNABLES"] = TUNED_MALLOC
+    cmd = [python, str(WORKER), "--contender", base, "--rows", str(rows_path), "--batch",
+           str(BATCH), "--threads", str(args.threads), "--warmup", str(args.warmup),
+           "--dead-fraction", str(dead)]
+    log = rows_path.with_name(name.replace("/", "_") + ".log")
+    with open(log, "w") as err:
+        proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=err,
+                                text=True, env=env, cwd=str(HERE.parent))
+    w = Worker(name, proc, log)
+    w.info = w.read()
+    return w
 
-    with tempfile.TemporaryDirectory() as tmp:
-        path = Path(tmp) / "rows.safetensors"
-        save_file({"rows": rows.contiguous()}, str(path))
-        proc = subprocess.run([python, "-c", SAELENS_SCRIPT, arch, str(path), str(steps)],
-                              capture_output=True, text=True)
-    if proc.returncode != 0:
-        print(f"  (sae_lens baseline failed: {proc.stderr.strip().splitlines()[-1:]})")
-        return None
-    return json.loads(proc.stdout.strip().splitlines()[-1])["tps"]
+
+# ---- report -------------------------------------------------------------------------------------
+def _q(xs: list[float], q: float) -> float:
+    s = sorted(xs)
+    return s[min(len(s) - 1, max(0, round(q * (len(s) - 1))))]
+
+
+def report(workers: dict[str, Worker], header: str) -> dict:
+    print(header)
+    print(f"{'contender':22s} {'tokens/s':>10s} {'ms/step':>9s} {'spread':>7s} {'steps':>5s}")
+    res = {}
+    for name, w in workers.items():
+        med = statistics.median(w.times)
+        iqr = (_q(w.times, 0.75) - _q(w.times, 0.25)) / med
+        res[name] = {"tokens_per_second": BATCH / med, "median_step_seconds": med,
+                     "iqr_over_median": iqr, "steps": len(w.times), "round_medians": w.rounds}
+        print(f"{name:22s} {BATCH / med:10,.0f} {1e3 * med:9.1f} {100 * iqr:6.1f}% "
+              f"{len(w.times):5d}")
+    print()
+    print(f"{'ratio':34s} {'median':>7s} {'per-round range':>16s} {'target':>7s}  met")
+    ratios = {}
+    for num, den, target, label in TARGETS:
+        if num not in workers or den not in workers:
+            continue
+        a, b = workers[num], workers[den]
+        ratio = statistics.median(b.times) / statistics.median(a.times)
+        per_round = [rb / ra for ra, rb in zip(a.rounds, b.rounds, strict=True)]
+        lo, hi = min(per_round), max(per_round)
+        tgt = f"≥{target:g}" if target else "-"
+        met = ("yes" if ratio >= target else "NO") if target else ""
+        ratios[label] = {"ratio": ratio, "per_round_min": lo, "per_round_max": hi,
+                         "target": target, "met": None if target is None else ratio >= target}
+        print(f"{label:34s} {ratio:6.2f}x {lo:7.2f}-{hi:<7.2f}x {tgt:>7s}  {met}")
+    return {"contenders": res, "ratios": ratios}
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--store", default="")
-    ap.add_argument("--steps", type=int, default=8)
-    ap.add_argument("--saelens-python", default="")
-    ap.add_argument("--archs", default="gated,relu")
+    ap.add_argument("--store", default="", help="activation store to draw rows from")
+    ap.add_argument("--contenders", default="default",
+                    help="default, all, or a comma list (e.g. saelab/topk,sparsify/topk)")
+    ap.add_argument("--rounds", type=int, default=5)
+    ap.add_argument("--steps", type=int, default=2, help="timed steps per contender per round")
+    ap.add_argument("--warmup", type=int, default=2)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--malloc", choices=("tuned", "default"), default="tuned")
+    ap.add_argument("--dead-fraction", type=float, default=0.25)
+    ap.add_argument("--no-baselines", action="store_true")
+    ap.add_argument("--baselines-venv", default=str(BASELINE_VENV))
+    ap.add_argument("--json", default="", help="also write the results here")
     args = ap.parse_args()
 
-    from saelab.runtime import tune_malloc
+    names = {"default": DEFAULT, "all": DEFAULT + EXTRA}.get(args.contenders)
+    names = list(names or args.contenders.split(","))
+    own = ("saelab/", "ceiling/")
+    if args.no_baselines:
+        names = [n for n in names if n.startswith(own)]
+    base_py = None
+    if any(not n.startswith(own) for n in names):
+        base_py = str(baselines_python(Path(args.baselines_venv)))
 
-    rows = load_rows(args.store, BATCH * 4)
-    print(f"d_in {rows.shape[1]}, d_sae {D_SAE}, batch {BATCH}, fp32, "
-          f"{torch.get_num_threads()} threads, rows from {args.store or 'Gaussian noise'}")
-    for arch in args.archs.split(","):
-        ref = time_reference(arch, rows, args.steps)
-        lens = time_saelens(args.saelens_python, arch, rows, args.steps) \
-            if args.saelens_python else None
-        tune_malloc()  # ours runs with the allocator set as the CLI sets it
-        ours = time_saelab(arch, rows, args.steps)
-        line = f"{arch:6s} saelab {ours:8,.0f} tok/s | reference {ref:8,.0f} ({ours / ref:.2f}x)"
-        if lens:
-            line += f" | sae_lens {lens:8,.0f} ({ours / lens:.2f}x)"
-        print(line)
-    sys.stdout.flush()
+    rows, source = load_rows(args.store, 4 * BATCH)
+    header = (f"d_in {rows.shape[1]}, d_sae 4096, k 32, batch {BATCH}, fp32, {args.threads} "
+              f"threads, malloc {args.malloc} for all, torch {torch.__version__}, rows: {source}; "
+              f"{args.rounds} rounds x {args.steps} steps after {args.warmup} warm-up")
+    workers: dict[str, Worker] = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        from safetensors.torch import save_file
+
+        rows_path = Path(tmp) / "rows.safetensors"
+        save_file({"rows": rows}, str(rows_path))
+        try:
+            for name in names:
+                t0 = time.perf_counter()
+                py = sys.executable if name.startswith(own) else base_py
+                workers[name] = start(name, py, rows_path, args)
+                print(f"  ready: {name} ({time.perf_counter() - t0:.0f} s)", flush=True)
+            order = list(workers.values())
+            for r in range(args.rounds):
+                for w in order[r % len(order):] + order[:r % len(order)]:
+                    w.run(args.steps)
+                print(f"  round {r + 1}/{args.rounds} done", flush=True)
+        finally:
+            for w in workers.values():
+                w.close()
+    print()
+    out = report(workers, header)
+    if args.json:
+        Path(args.json).write_text(json.dumps({"setting": header, **out}, indent=2))
 
 
 if __name__ == "__main__":

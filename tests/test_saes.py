@@ -22,8 +22,7 @@ def make(arch, seed=0, **kw):
 
 def test_registry_lists_trainable_families():
     names = architectures(trainable_only=True)
-    assert {"gated", "relu"} <= set(names)
-    assert "jumprelu" not in names
+    assert {"gated", "relu", "jumprelu"} <= set(names)
 
 
 def test_unknown_variant_is_a_config_error():
@@ -170,3 +169,31 @@ def test_fused_gated_encoder_matches_autograd(b_dec_in):
             assert a is None and b is None
         else:
             torch.testing.assert_close(a, b)
+
+
+def test_threshold_estimate_is_running_mean_then_ema():
+    # §4.8 estimator: a running mean of the per-batch estimates until 1/(1-β) of them, then an
+    # EMA with β (a bare EMA would stay near its first value in short runs).
+    sae = build_sae(SAEConfig(architecture="batchtopk", d_in=D, d_sae=F,
+                              topk={"threshold_beta": 0.75}))
+    ests = [1.0, 2.0, 6.0, 3.0, 10.0]
+    for e in ests:
+        sae.update_threshold(torch.tensor(e))
+    mean4 = sum(ests[:4]) / 4  # n < 1/(1-β) = 4: plain mean of the first four
+    expected = 0.75 * mean4 + 0.25 * ests[4]
+    torch.testing.assert_close(sae.threshold, torch.full((F,), expected))
+    sae.update_threshold(torch.tensor(float("inf")))  # no estimate: unchanged
+    torch.testing.assert_close(sae.threshold, torch.full((F,), expected))
+
+
+def test_b_dec_init_default_is_per_family():
+    # top-AFA starts b_dec at 0 like its reference (see saes/afa.py); the rest use the median.
+    afa = build_sae(SAEConfig(architecture="topafa", d_in=D, d_sae=F))
+    topk = build_sae(SAEConfig(architecture="topk", d_in=D, d_sae=F))
+    assert afa.cfg.b_dec_init == "zeros" and topk.cfg.b_dec_init == "geometric_median"
+    x = torch.randn(200, D) + 3.0
+    afa.init_from_data(x)
+    assert torch.equal(afa.b_dec, torch.zeros(D))
+    forced = build_sae(SAEConfig(architecture="topafa", d_in=D, d_sae=F, b_dec_init="mean"))
+    forced.init_from_data(x)
+    torch.testing.assert_close(forced.b_dec, x.mean(0))

@@ -44,8 +44,54 @@ def _parser() -> argparse.ArgumentParser:
     e.add_argument("--skip-ce", action="store_true", help="skip the LM-splice CE/KL metrics")
     e.add_argument("--quiet", action="store_true", help="no progress bars")
 
+    _add_sweep_parser(sub)
+    _add_synth_parser(sub)
     sub.add_parser("archs", help="list SAE architectures")
     return p
+
+
+def _add_synth_parser(sub) -> None:
+    from saelab.config import SynthConfig
+
+    s = sub.add_parser(
+        "synth", help="benchmark SAE families on synthetic data with a known dictionary",
+        description="Generate activations from a known dictionary (Zipf feature frequencies, "
+                    "superposition), train every family in --arch on them with its defaults, "
+                    "and score how well each recovers the true features (best cosine, fraction "
+                    "recovered, MCC) besides FVU, L0 and dead latents on held-out samples. "
+                    "Writes DIR/synth.json and prints one row per family.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    add_dataclass_args(s, SynthConfig, skip=("levels",))
+    s.add_argument("--levels", dest="levels", action="append", metavar="FAMILY=VALUE",
+                   default=argparse.SUPPRESS,
+                   help="sparsity knob of one family (repeatable), e.g. --levels relu=2.5 "
+                        "--levels gated=3: the value of the family's sweep_param "
+                        "(l1_coefficient, topk.k, ...). Default: the family's default")
+    s.add_argument("--quiet", action="store_true", help="no progress bars")
+
+
+def _add_sweep_parser(sub) -> None:
+    from saelab.config import SweepConfig
+
+    s = sub.add_parser(
+        "sweep", help="train SAE families at several sparsity levels on one store; Pareto plots",
+        description="Train every family in --arch at each of its sparsity levels (the family's "
+                    "default sweep levels, or --levels FAMILY=V1,V2,...) on one shared "
+                    "activation store with the same budget, evaluate every SAE on the same "
+                    "held-out data, and write sweep.csv, sweep.json and Pareto plots (L0 vs "
+                    "FVU, CE loss recovered, delta LM loss). Rerun the same command to continue "
+                    "an interrupted sweep.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    add_dataclass_args(s, SweepConfig, skip=("sae.architecture", "levels"))
+    s.add_argument("--levels", dest="levels", action="append", metavar="FAMILY=V1,V2,...",
+                   default=argparse.SUPPRESS,
+                   help="sparsity levels of one family (repeatable), e.g. --levels topk=16,32,64 "
+                        "--levels gated=2,4,8: values of the family's sweep knob (topk.k, "
+                        "l1_coefficient, ...; see each family's sweep_param). Default: the "
+                        "family's own sweep_levels")
+    s.add_argument("--quiet", action="store_true", help="no progress bars")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -56,7 +102,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return EXIT_USER_ERROR
     except KeyboardInterrupt:
-        print("interrupted: rerun the same command with --resume to continue", file=sys.stderr)
+        how = "the same command" if args.verb == "sweep" else "the same command with --resume"
+        print(f"interrupted: rerun {how} to continue", file=sys.stderr)
         return 130
 
 
@@ -107,6 +154,29 @@ def _dispatch(args: argparse.Namespace) -> int:
         print(summary_table(metrics, title=f"held-out eval of {args.run}"))
         print(json.dumps({k: metrics[k] for k in ("l0", "fvu") if k in metrics}))
         return 0
+    if args.verb == "sweep":
+        from saelab.config import SweepConfig
+        from saelab.sweep import run_sweep
+
+        cfg = build(SweepConfig, args)
+        cfg.validate()
+        result = run_sweep(cfg, progress=progress)
+        print(f"\nsweep: {len(result.rows)} runs finished"
+              + (f", {len(result.failed)} failed" if result.failed else "") + "\n")
+        print(result.table())
+        print(f"\nsweep folder: {result.out}  (sweep.csv, sweep.json, pareto_fvu.png, "
+              f"pareto_ce.png, pareto_delta_lm.png, runs/)")
+        return 1 if result.failed else 0
+    if args.verb == "synth":
+        from saelab.config import SynthConfig
+        from saelab.synth import run_synth, synth_table
+
+        cfg = build(SynthConfig, args)
+        cfg.validate()
+        res = run_synth(cfg, progress=progress)
+        print(synth_table(res))
+        print(f"\nresults: {res.path}")
+        return 1 if res.failed else 0
     raise AssertionError(args.verb)
 
 

@@ -35,7 +35,7 @@ def add_dataclass_args(parser: argparse.ArgumentParser, cls: type, prefix: str =
             add_dataclass_args(group, hint, prefix=f"{path}.", skip=skip, root=root)  # type: ignore[arg-type]
             continue
         flag = "--" + (f.metadata.get("flag") or f.name).replace("_", "-")
-        help_text = f.metadata.get("help", "")
+        help_text = f.metadata.get("help", "").replace("%", "%%")  # argparse %-formats help
         default = f.default
         kw: dict[str, Any] = {"dest": path, "default": argparse.SUPPRESS}
         base = _base_type(hint)

@@ -26,12 +26,21 @@ SAE_DIR = "sae"
 
 def default_store_path(cfg: RunConfig, tokens: int) -> Path:
     """A cached store keyed by everything that changes its contents."""
-    key = json.dumps({"model": cfg.model.model, "hook": cfg.model.hook,
-                      "dtype": cfg.model.model_dtype, "data": asdict(cfg.data),
-                      "tokens": tokens}, sort_keys=True)
-    digest = hashlib.sha1(key.encode()).hexdigest()[:12]
-    name = f"{Path(cfg.model.model).name}-{cfg.model.hook}-{tokens}-{digest}"
-    return cache_root() / "stores" / name
+    fields = {"model": cfg.model.model, "hook": cfg.model.hook,
+              "dtype": cfg.model.model_dtype, "data": asdict(cfg.data), "tokens": tokens}
+    grads = needs_lm_grads(cfg)
+    if grads:  # its own key (stores without grads keep their old keys)
+        fields["with_grads"] = True
+    digest = hashlib.sha1(json.dumps(fields, sort_keys=True).encode()).hexdigest()[:12]
+    name = f"{Path(cfg.model.model).name}-{cfg.model.hook}-{tokens}{'-grads' if grads else ''}"
+    return cache_root() / "stores" / f"{name}-{digest}"
+
+
+def needs_lm_grads(cfg: RunConfig) -> bool:
+    """True if the family trains on LM-loss gradients beside the activations (g-SAE)."""
+    from saelab.saes.registry import get_family
+
+    return get_family(cfg.sae.architecture).uses_lm_grads
 
 
 @dataclass
@@ -72,26 +81,57 @@ def resolve_store(cfg: RunConfig, lm, hook_name: str, progress: bool):
     from saelab.data.store import ActivationStore
     from saelab.harvest import harvest
 
+    grads = needs_lm_grads(cfg)
     if cfg.store:
         store = ActivationStore.open(cfg.store)
+        if grads and not store.has_grads:
+            from saelab.errors import StoreError
+
+            raise StoreError(
+                f"{cfg.sae.architecture} trains on LM-loss gradients but store {cfg.store} has "
+                f"none: make one with `saelab harvest --with-grads`, or omit --store")
     else:
         tokens = cfg.harvest_tokens or cfg.train.tokens
         path = default_store_path(cfg, tokens)
         hcfg = HarvestConfig(model=cfg.model, data=cfg.data, store=str(path), tokens=tokens,
-                             split="train")
+                             split="train", with_grads=grads)
         store = harvest(hcfg, progress=progress, lm=lm)
     store.check_compatible(model=lm.name, hook=hook_name, d_in=lm.d_model)
     return store
 
 
-def train_run(cfg: RunConfig, progress: bool = True, log=print) -> RunSummary:
-    """Run the whole main job. Raises a :class:`SaelabError` subclass on bad input."""
-    from saelab.data.stream import ActivationStream, estimate_norm_scale
+def train_run(cfg: RunConfig, progress: bool = True, log=print, *, lm=None, store=None,
+              eval_baseline=None) -> RunSummary:
+    """Run the whole main job. Raises a :class:`SaelabError` subclass on bad input.
+
+    Callers that run many jobs on one model (``saelab sweep``) pass what they share: ``lm``
+    (``cfg.model`` already loaded), ``store`` (the resolved activation store) and
+    ``eval_baseline`` (an :class:`~saelab.evals.evaluate.EvalBaseline` for ``cfg``'s hook,
+    data and eval settings).
+    """
     from saelab.models.hooks import parse_hook
     from saelab.models.loading import load_model
-    from saelab.runtime import parse_dtype, resolve_device, tune_malloc
-    from saelab.saes.registry import build_sae, get_family
-    from saelab.train.trainer import Trainer
+    from saelab.runtime import tune_malloc
+
+    out = Path(cfg.out)
+    cfg = prepare_run(cfg)
+    tune_malloc()
+
+    lm = lm or load_model(cfg.model)
+    hook = parse_hook(cfg.model.hook, lm.n_layers)
+    if store is None:
+        store = resolve_store(cfg, lm, hook.name, progress)
+    final, result = fit_sae(cfg, store, out, progress=progress, log=log)
+    extra = {"train_tokens_per_second": result.tokens_per_second,
+             "train_seconds": result.seconds}
+    metrics = evaluate_and_save(final, lm, hook, cfg, out, progress=progress,
+                                baseline=eval_baseline, extra=extra)
+    return RunSummary(out, metrics, result.seconds, result.tokens_per_second, Path(store.path))
+
+
+def prepare_run(cfg: RunConfig) -> RunConfig:
+    """Check the run folder and the config; on ``resume``, return the run's saved config."""
+    from saelab.saes.registry import get_family
 
     out = Path(cfg.out)
     prepare_run_dir(out, cfg.resume, cfg.overwrite)
@@ -104,11 +144,17 @@ def train_run(cfg: RunConfig, progress: bool = True, log=print) -> RunSummary:
         from saelab.errors import ConfigError
 
         raise ConfigError(f"architecture {cfg.sae.architecture!r} cannot be trained yet")
-    tune_malloc()
+    return cfg
 
-    lm = load_model(cfg.model)
-    hook = parse_hook(cfg.model.hook, lm.n_layers)
-    store = resolve_store(cfg, lm, hook.name, progress)
+
+def fit_sae(cfg: RunConfig, store, out: Path, progress: bool = True, log=print):
+    """Build the SAE, train it on ``store`` (resuming from ``out``'s checkpoint when
+    ``cfg.resume``) and return ``(exported SAE on raw activations, TrainResult)``."""
+    from saelab.data.stream import ActivationStream, estimate_norm_scale
+    from saelab.runtime import parse_dtype, resolve_device
+    from saelab.saes.registry import build_sae
+    from saelab.train.trainer import Trainer
+
     log(f"store: {store.path} ({store.num_rows:,} rows, d_in {store.d_in})")
     if cfg.train.tokens > store.num_rows:
         log(f"note: the budget of {cfg.train.tokens:,} tokens is "
@@ -131,19 +177,26 @@ def train_run(cfg: RunConfig, progress: bool = True, log=print) -> RunSummary:
         log(f"resuming at step {start}/{trainer.total_steps}")
     stream = ActivationStream(store, cfg.train.batch_size, cfg.train.shuffle_buffer_rows,
                               seed=cfg.train.seed, device=device, start_batch=start,
-                              drop_positions_below=drop)
+                              drop_positions_below=drop, with_grads=sae.uses_lm_grads)
     if not cfg.resume:
         # Sampling reads its own shards; it does not advance the batch stream.
         sae.init_from_data(stream.sample(min(32_768, store.num_rows), seed=cfg.train.seed) * scale)
     result = trainer.fit(iter(stream))
+    if result.steps == start and start > 0:
+        # resumed after training had finished (interrupted in eval): keep the logged speed
+        result.tokens_per_second = _last_logged(out, "tokens_per_second", 0.0)
     log(f"trained {result.steps} steps ({result.tokens:,} tokens) at "
         f"{result.tokens_per_second:,.0f} tokens/s")
+    return export_sae(sae, scale), result
 
-    final = export_sae(sae, scale)
-    metrics = evaluate_and_save(final, lm, hook, cfg, out, progress=progress)
-    metrics["train_tokens_per_second"] = result.tokens_per_second
-    atomic_write_json(out / "metrics.json", metrics)
-    return RunSummary(out, metrics, result.seconds, result.tokens_per_second, Path(store.path))
+
+def _last_logged(out: Path, key: str, default: float) -> float:
+    path = out / "metrics.jsonl"
+    lines = path.read_text().splitlines() if path.exists() else []
+    for line in reversed(lines):
+        if line.strip() and key in (rec := json.loads(line)):
+            return float(rec[key])
+    return default
 
 
 def export_sae(sae, input_scale: float):
@@ -158,15 +211,20 @@ def export_sae(sae, input_scale: float):
     return final
 
 
-def evaluate_and_save(sae, lm, hook, cfg: RunConfig, out: Path, progress: bool = True) -> dict:
+def evaluate_and_save(sae, lm, hook, cfg: RunConfig, out: Path, progress: bool = True,
+                      baseline=None, extra: dict | None = None) -> dict:
+    """Evaluate, save the SAE (with sparsity and metrics) and write ``metrics.json`` once,
+    including ``extra`` (training facts): a run folder with ``metrics.json`` is finished."""
     from saelab.evals.evaluate import evaluate
     from saelab.evals.metrics import log10_density
     from saelab.io import save_sae
     from saelab.report.plots import plot_density
 
     t0 = time.perf_counter()
-    res = evaluate(sae, lm, hook, cfg.data, cfg.eval, skip_ce=cfg.skip_ce, progress=progress)
-    metrics = {**res.metrics, "eval_seconds": time.perf_counter() - t0}
+    res = evaluate(sae, lm, hook, cfg.data, cfg.eval, skip_ce=cfg.skip_ce, progress=progress,
+                   baseline=baseline)
+    metrics = {**res.metrics, "eval_seconds": time.perf_counter() - t0,
+               "eval_ce_seconds": res.seconds.get("ce", 0.0), **(extra or {})}
     meta = {
         "model_name": lm.name,
         "hook_name": hook.name,

@@ -6,12 +6,21 @@ Layout (``format_version`` 1)::
     shard_00000.safetensors  acts [N, D] (store dtype)   tokens [N] int32   window [N] int64
                              pos [N] int16 (int32 if T > 32767)   windows [W, T] int32
                              stat_act_sum [D] f64   stat_norm_sum [1] f64   stat_sq_norm_sum [1] f64
+                             grads [N, D] (store dtype; only if the manifest says with_grads)
 
 Row ``r`` of a shard is the activation at position ``pos[r]`` of global window ``window[r]``
 (token ``tokens[r]``); ``windows`` holds the full token windows ``window_start..window_end`` of
 the shard (a shard holds whole windows, so its size is about, not exactly, ``shard_rows``).
 Every file is written to a temp file, fsynced and renamed, so it exists complete or not at all;
 the manifest is rewritten after every shard and only lists shards that are on disk.
+
+``grads`` (stores harvested with ``--with-grads``, for gradient SAEs): row ``r`` holds
+``∂L/∂acts[r]``, where ``L`` is the summed next-token cross-entropy of window ``window[r]``
+over its scored positions (kept positions that have a next token in the window). Because of
+attention this is the row's own next-token loss gradient plus its effect on every later scored
+position's loss. The last position of a window scores nothing and nothing after it depends on
+it, so its gradient is exactly zero. A store with grads is a superset of one without: it serves
+requests for activations only.
 """
 
 from __future__ import annotations
@@ -41,6 +50,7 @@ FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 ROW_KEYS = ("acts", "tokens", "window", "pos")
+GRADS = "grads"  # optional row key: LM-loss gradients beside acts (StoreSpec.with_grads)
 _SHARD_RE = re.compile(r"^shard_\d{5,}\.safetensors$")
 _HARVEST_HINT = "run `saelab harvest --out FOLDER` to make one"
 # (file, sha256, size, mtime_ns, inode) of shards hashed by this process: hash each once.
@@ -86,6 +96,7 @@ class StoreSpec:
     model_spec: str = ""  # the --model argument as given (resolved if a local folder)
     n_layers: int = 0
     model_dtype: str = ""  # dtype of the LM forward that produced the activations
+    with_grads: bool = False  # shards also hold `grads` (see the module docstring)
 
     def __post_init__(self) -> None:
         if self.dtype not in DTYPES:
@@ -191,6 +202,11 @@ class ActivationStore:
         return bool(self.manifest["complete"])
 
     @property
+    def has_grads(self) -> bool:
+        """True if every shard also holds ``grads`` (LM-loss gradients, see module docstring)."""
+        return bool(self.manifest.get("with_grads", False))
+
+    @property
     def exhausted(self) -> bool:
         """True if the corpus ran out before the target row count."""
         return bool(self.manifest.get("exhausted", False))
@@ -268,7 +284,8 @@ class ActivationStore:
         return info, fpath
 
     def read_shard(self, i: int, verify: bool = True, force: bool = False) -> dict[str, Tensor]:
-        """Tensors of shard ``i``: acts, tokens, window, pos, windows (CPU).
+        """Tensors of shard ``i``: acts, tokens, window, pos, windows, and grads if the store
+        has them (CPU).
 
         With ``verify`` the file's sha256 is checked (once per shard per process unless
         ``force``). Raises :class:`StoreError` naming the shard if it is missing, truncated or
@@ -294,7 +311,7 @@ class ActivationStore:
         except Exception as e:  # safetensors raises its own error type on bad bytes
             raise StoreError(f"{where} cannot be parsed ({e}): harvest again") from e
         self._check_shard(info, t, where)
-        return {k: t[k] for k in (*ROW_KEYS, "windows")}
+        return {k: t[k] for k in (*_row_keys(self.has_grads), "windows")}
 
     def _check_shard(self, info: ShardInfo, t: dict[str, Tensor], where: str) -> None:
         n, w = info.rows, info.window_end - info.window_start
@@ -305,18 +322,23 @@ class ActivationStore:
             "pos": (n,),
             "windows": (w, self.context_size),
         }
+        if self.has_grads:
+            shapes[GRADS] = (n, self.d_in)
         for k, shape in shapes.items():
             if k not in t or tuple(t[k].shape) != shape:
                 got = tuple(t[k].shape) if k in t else "nothing"
                 raise StoreError(f"{where}: {k} has shape {got}, expected {shape}")
-        if t["acts"].dtype != self.dtype:
-            raise StoreError(f"{where}: acts are {t['acts'].dtype}, manifest says {self.dtype}")
-        r = first_nonfinite_row(t["acts"])
-        if r is not None:
-            raise NonFiniteActivationError(
-                f"{where} has NaN/inf activations at row {r} (window {int(t['window'][r])}, "
-                f"position {int(t['pos'][r])}): harvest again (try --model-dtype float32)"
-            )
+        for k, what in (("acts", "activations"), (GRADS, "gradients")):
+            if k not in shapes:
+                continue
+            if t[k].dtype != self.dtype:
+                raise StoreError(f"{where}: {k} are {t[k].dtype}, manifest says {self.dtype}")
+            r = first_nonfinite_row(t[k])
+            if r is not None:
+                raise NonFiniteActivationError(
+                    f"{where} has NaN/inf {what} at row {r} (window {int(t['window'][r])}, "
+                    f"position {int(t['pos'][r])}): harvest again (try --model-dtype float32)"
+                )
 
     def read_tensor(self, i: int, key: str) -> Tensor:
         """One tensor of shard ``i`` without reading the rest (no checksum; e.g. ``pos``)."""
@@ -326,6 +348,10 @@ class ActivationStore:
                 return f.get_tensor(key)
         except Exception as e:
             raise StoreError(f"shard {info.file} of store {self.path} cannot be read ({e})") from e
+
+
+def _row_keys(with_grads: bool) -> tuple[str, ...]:
+    return (*ROW_KEYS, GRADS) if with_grads else ROW_KEYS
 
 
 def _sha256_mmap(path: Path) -> str:
@@ -467,32 +493,41 @@ class StoreWriter:
         """Set extra manifest fields (e.g. ``harvest_stats``); saved with the next write."""
         self.manifest.update(fields)
 
-    def add(self, windows_WT: Tensor, keep_WT: Tensor, acts_ND: Tensor) -> None:
+    def add(self, windows_WT: Tensor, keep_WT: Tensor, acts_ND: Tensor,
+            grads_ND: Tensor | None = None) -> None:
         """Append the next ``W`` windows; ``acts_ND`` are their kept rows in row-major order.
 
-        ``N == keep_WT.sum()``. Windows with no kept row still count as done.
+        ``N == keep_WT.sum()``. Windows with no kept row still count as done. ``grads_ND``
+        (same layout as ``acts_ND``) is required if and only if ``spec.with_grads``.
         """
         windows_WT, keep_WT = windows_WT.cpu(), keep_WT.cpu().bool()
         counts_W = keep_WT.sum(dim=1)
         n_rows = int(counts_W.sum())
-        if acts_ND.shape != (n_rows, self.spec.d_in):
-            raise ValueError(f"acts {tuple(acts_ND.shape)} != ({n_rows}, {self.spec.d_in})")
-        acts_ND = acts_ND.to("cpu", self._dtype)
+        if (grads_ND is not None) != self.spec.with_grads:
+            raise ValueError(f"this store {'needs' if self.spec.with_grads else 'takes no'} grads")
         w_idx, p_idx = keep_WT.nonzero(as_tuple=True)
-        r = first_nonfinite_row(acts_ND)
-        if r is not None:
-            raise NonFiniteActivationError(
-                f"NaN/inf activation in window {self._next_window + int(w_idx[r])} at position "
-                f"{int(p_idx[r])}; refusing to store it (try --model-dtype float32, or "
-                f"--store-dtype float32 if float16 overflowed)"
-            )
+        named = {"acts": acts_ND} if grads_ND is None else {"acts": acts_ND, GRADS: grads_ND}
+        for key, value in named.items():
+            if value.shape != (n_rows, self.spec.d_in):
+                raise ValueError(f"{key} {tuple(value.shape)} != ({n_rows}, {self.spec.d_in})")
+            named[key] = value = value.to("cpu", self._dtype)
+            r = first_nonfinite_row(value)
+            if r is not None:
+                what = "activation" if key == "acts" else "LM-loss gradient"
+                raise NonFiniteActivationError(
+                    f"NaN/inf {what} in window {self._next_window + int(w_idx[r])} at position "
+                    f"{int(p_idx[r])}; refusing to store it (try --model-dtype float32, or "
+                    f"--store-dtype float32 if float16 overflowed)"
+                )
         pos_dtype = torch.int16 if self.spec.context_size <= 32767 else torch.int32
         rows = {
-            "acts": acts_ND,
+            "acts": named["acts"],
             "tokens": windows_WT[keep_WT].to(torch.int32),
             "window": w_idx.to(torch.int64) + self._next_window,
             "pos": p_idx.to(pos_dtype),
         }
+        if GRADS in named:
+            rows[GRADS] = named[GRADS]
         windows_WT = windows_WT.to(torch.int32)
         cum_W = counts_W.cumsum(0)
         w0 = r0 = 0
@@ -514,7 +549,8 @@ class StoreWriter:
     def _flush(self) -> None:
         if not self._pending:
             return
-        t = {k: torch.cat([p[k] for p in self._pending]) for k in (*ROW_KEYS, "windows")}
+        keys = (*_row_keys(self.spec.with_grads), "windows")
+        t = {k: torch.cat([p[k] for p in self._pending]) for k in keys}
         start = self.windows_done
         self._pending, self._pending_rows = [], 0
         if len(t["acts"]) == 0:  # trailing windows without kept rows (finish only): no shard

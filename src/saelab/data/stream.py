@@ -13,6 +13,10 @@ The order is a pure function of (store, batch_size, buffer_rows, seed, drop_posi
 Block sizes come from the manifest, so ``start_batch=n`` seeks straight to batch ``n`` and
 reads only the block it lies in. At most one block (G shards) plus one shard being read and
 one batch are in memory.
+
+With ``with_grads`` (a store harvested with ``--with-grads``) each batch is a tuple
+``(x_BD, g_BD)``: the same rows in the same order as without, plus their LM-loss gradients
+(twice the memory per block).
 """
 
 from __future__ import annotations
@@ -26,7 +30,7 @@ from collections.abc import Iterator
 import torch
 from torch import Tensor
 
-from saelab.data.store import ActivationStore
+from saelab.data.store import GRADS, ActivationStore
 from saelab.errors import ConfigError, StoreError
 
 NORM_MODES = ("none", "scalar_sqrt_d", "scalar_unit_mean_sq_norm")
@@ -68,6 +72,7 @@ class ActivationStream:
         dtype: torch.dtype = torch.float32,
         start_batch: int = 0,
         drop_positions_below: int = 0,
+        with_grads: bool = False,
     ):
         if batch_size < 1 or buffer_rows < 1 or start_batch < 0:
             raise ConfigError(
@@ -81,6 +86,11 @@ class ActivationStream:
             )
         if not store.shards:
             raise StoreError(f"store {store.path} has no rows: harvest it first")
+        if with_grads and not store.has_grads:
+            raise StoreError(
+                f"store {store.path} holds no LM-loss gradients: harvest one with "
+                f"`saelab harvest --with-grads`"
+            )
         if not store.complete:
             warnings.warn(
                 f"store {store.path} is incomplete (harvest interrupted?): streaming "
@@ -95,6 +105,9 @@ class ActivationStream:
         self.dtype = dtype
         self.start_batch = start_batch
         self.drop_positions_below = drop_positions_below
+        self.with_grads = with_grads
+        #: the shard tensors each batch carries
+        self._keys = ("acts", GRADS) if with_grads else ("acts",)
         self._counts = _kept_counts(store, drop_positions_below)
         self.rows_per_epoch = sum(self._counts)
         if self.rows_per_epoch == 0:
@@ -113,7 +126,7 @@ class ActivationStream:
         """Rows per epoch / batch size (not an integer in general: batches span epochs)."""
         return self.rows_per_epoch / self.batch_size
 
-    def __iter__(self) -> Iterator[Tensor]:
+    def __iter__(self) -> Iterator[Tensor | tuple[Tensor, Tensor]]:
         return self._batches(self.start_batch)
 
     def _layout(self, epoch: int) -> tuple[list[list[int]], list[int]]:
@@ -126,52 +139,56 @@ class ActivationStream:
             starts.append(starts[-1] + sum(self._counts[s] for s in ids))
         return blocks, starts
 
-    def _load_block(self, epoch: int, b: int, ids: list[int]) -> tuple[Tensor, Tensor]:
+    def _load_block(self, epoch: int, b: int, ids: list[int]) -> tuple[list[Tensor], Tensor]:
+        """The block's rows, one buffer per key of ``self._keys``, and their permutation."""
         total = sum(self._counts[s] for s in ids)
         self.peak_block_shards = max(self.peak_block_shards, len(ids))
-        buf_RD = torch.empty(total, self.store.d_in, dtype=self.store.dtype)
+        bufs = [torch.empty(total, self.store.d_in, dtype=self.store.dtype) for _ in self._keys]
         off = 0
         for s in ids:  # copy shard by shard: peak memory is the block plus one shard
             t = self.store.read_shard(s)
             self.shard_reads += 1
-            acts = t["acts"]
-            if self._counts[s] != len(acts):
-                acts = acts[t["pos"] >= self.drop_positions_below]
-            buf_RD[off : off + len(acts)] = acts
-            off += len(acts)
-            del t, acts
-        return buf_RD, _perm(total, "rows", self.seed, epoch, b)
+            n = self._counts[s]
+            keep = None if n == len(t["acts"]) else t["pos"] >= self.drop_positions_below
+            for buf_RD, key in zip(bufs, self._keys, strict=True):
+                buf_RD[off : off + n] = t[key] if keep is None else t[key][keep]
+            off += n
+            del t
+        return bufs, _perm(total, "rows", self.seed, epoch, b)
 
-    def _new_batch(self) -> Tensor:
+    def _new_batch(self) -> list[Tensor]:
         # pinned when feeding a GPU: the copy to the device can then run asynchronously
         pin = self.device.type == "cuda"
-        return torch.empty(self.batch_size, self.store.d_in, dtype=self.store.dtype, pin_memory=pin)
+        return [torch.empty(self.batch_size, self.store.d_in, dtype=self.store.dtype,
+                            pin_memory=pin) for _ in self._keys]
 
-    def _batches(self, start_batch: int) -> Iterator[Tensor]:
+    def _batches(self, start_batch: int) -> Iterator[Tensor | tuple[Tensor, Tensor]]:
         B = self.batch_size
         epoch, offset = divmod(start_batch * B, self.rows_per_epoch)
-        batch_BD, have = self._new_batch(), 0
+        batch, have = self._new_batch(), 0
         while True:
             blocks, starts = self._layout(epoch)
             for b in range(bisect.bisect_right(starts, offset) - 1, len(blocks)):
                 size = starts[b + 1] - starts[b]
                 if size == 0:
                     continue
-                block_RD, perm_R = self._load_block(epoch, b, blocks[b])
+                block, perm_R = self._load_block(epoch, b, blocks[b])
                 i = offset - starts[b]
                 while i < size:
                     take = min(B - have, size - i)
                     # gather straight from the unpermuted block: no second block-sized copy
-                    torch.index_select(
-                        block_RD, 0, perm_R[i : i + take], out=batch_BD[have : have + take]
-                    )
+                    for block_RD, batch_BD in zip(block, batch, strict=True):
+                        torch.index_select(
+                            block_RD, 0, perm_R[i : i + take], out=batch_BD[have : have + take]
+                        )
                     have += take
                     i += take
                     if have == B:
-                        yield _to(batch_BD, self.device, self.dtype)
-                        batch_BD, have = self._new_batch(), 0
+                        out = [_to(t, self.device, self.dtype) for t in batch]
+                        yield tuple(out) if self.with_grads else out[0]
+                        batch, have = self._new_batch(), 0
                 offset = starts[b + 1]
-                del block_RD, perm_R  # free before the next block is read
+                del block, perm_R  # free before the next block is read
             epoch, offset = epoch + 1, 0
 
     def sample(self, n: int, seed: int = 0) -> Tensor:
@@ -230,6 +247,24 @@ def estimate_norm_scale(
         mean_norm, mean_sq = float(norms.mean()), float(norms.square().mean())
     if not (mean_norm > 0 and math.isfinite(mean_sq)):
         raise StoreError(f"store {store.path} has all-zero or non-finite activations")
+    return norm_scale_from_stats(mode, store.d_in, mean_norm, mean_sq)
+
+
+def norm_scale_from_stats(mode: str, d_in: int, mean_norm: float, mean_sq_norm: float) -> float:
+    """The scalar of :func:`estimate_norm_scale` from E||x|| and E||x||^2."""
+    if mode == "none":
+        return 1.0
     if mode == "scalar_sqrt_d":
-        return math.sqrt(store.d_in) / mean_norm
-    return 1.0 / math.sqrt(mean_sq)
+        return math.sqrt(d_in) / mean_norm
+    return 1.0 / math.sqrt(mean_sq_norm)
+
+
+def norm_scale_of_rows(x_ND: Tensor, mode: str) -> float:
+    """:func:`estimate_norm_scale` for rows already in memory (e.g. synthetic data)."""
+    if mode not in NORM_MODES:
+        raise ConfigError(f"unknown normalisation {mode!r}: choose one of {', '.join(NORM_MODES)}")
+    norms = torch.linalg.vector_norm(x_ND.double(), dim=1)
+    mean_norm, mean_sq = float(norms.mean()), float(norms.square().mean())
+    if not (mean_norm > 0 and math.isfinite(mean_sq)):
+        raise ConfigError("cannot normalise all-zero or non-finite activations")
+    return norm_scale_from_stats(mode, x_ND.shape[1], mean_norm, mean_sq)

@@ -66,7 +66,8 @@ class SAE(nn.Module):
     uses_lm_grads: ClassVar[bool] = False
     defaults: ClassVar[dict[str, Any]] = {}
     #: defaults of every family unless its ``defaults`` says otherwise
-    shared_defaults: ClassVar[dict[str, Any]] = {"normalize_activations": "scalar_sqrt_d"}
+    shared_defaults: ClassVar[dict[str, Any]] = {"normalize_activations": "scalar_sqrt_d",
+                                                 "b_dec_init": "geometric_median"}
     train_defaults: ClassVar[dict[str, Any]] = {}
     variants: ClassVar[tuple[str, ...]] = ()
 

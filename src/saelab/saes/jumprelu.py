@@ -1,41 +1,155 @@
-"""JumpReLU SAE (Rajamanoharan et al. 2024; METHODS.md §3) — inference, loading and conversion.
+"""JumpReLU SAE (Rajamanoharan et al. 2024; METHODS.md §3): training, inference, conversion.
 
 ::
 
     π = (x − b_dec·[apply_b_dec_to_input]) W_enc + b_enc
-    f = π ⊙ 1[π > θ]          (θ = ``threshold``, one per latent, ≥ 0)
+    f = π ⊙ 1[π > θ]          (θ = ``threshold``, one per latent, > 0)
     x̂ = f W_dec + b_dec
 
-This family is the target of ``GatedSAE.to_jumprelu()`` (§2.6) and of loading Gemma Scope /
-SAELens ``jumprelu`` folders. It is not trainable yet: training needs the straight-through
-pseudo-derivatives for θ (§3.3), which are a later issue, so ``loss`` raises
-``NotImplementedError`` (from the base class).
+Training (§3.2–§3.3, [R]): ``L = ‖x − x̂‖² + λ·S`` with per-token SSE averaged over the batch and
+λ = ``l1_coefficient`` (linearly warmed up by the trainer). The step function has no useful
+derivative, so θ learns through straight-through pseudo-derivatives with a rectangle kernel
+``K(u) = 1[|u| < 1/2]`` of bandwidth ε (``jumprelu.bandwidth``):
 
-Thresholds are meant to be non-negative (§3.1; the gated conversion clips at 0). A negative θ
-acts as θ = 0, i.e. a plain ReLU, exactly as SAELens computes ``ReLU(π) ⊙ 1[π > θ]``, so a
-folder loads with the same function in both libraries.
+- the JumpReLU output passes the true derivative ``1[π > θ]`` to π and ``−(θ/ε)K((π−θ)/ε)``
+  to θ (:class:`JumpReLUFunction`);
+- the L0 term passes nothing to π (a π pseudo-gradient there kills latents, §3.3) and
+  ``−(1/ε)K((π−θ)/ε)`` to θ (:class:`StepCount`).
+
+Sparsity term S (``jumprelu.sparsity_loss``):
+
+- ``l0`` (default, §3.2): mean L0 per token.
+- ``target_l0`` (§3.7, the ``dictionary_learning`` default [C]): ``(L0/target − 1)²`` on the
+  batch-mean L0; λ defaults to 1 there.
+- ``tanh`` (§3.7, Anthropic Jan 2025 via SAELens [C]): ``Σ_i tanh(c·f_i‖d_i‖)`` per token; the
+  Anthropic recipe pairs it with a much wider bandwidth than 0.001 on differently scaled inputs,
+  so tune ``jumprelu.bandwidth`` when using it.
+
+Any of them can add the pre-activation loss ``coef·Σ_i ReLU(θ_i − π_i)‖d_i‖`` on latents the
+trainer counts as dead (``jumprelu.pre_act_coefficient``; 0 = off), which pulls dead latents'
+pre-activations up to their thresholds.
+
+Defaults: no pre-encoder bias (§3.1), unit-norm decoder with tangent projection (N1, §3.5; [U]
+whether the paper imposes it), Kaiming-uniform tied init with θ = 0.001 (§3.4), inputs scaled to
+``E‖x‖² = 1`` (§3.4), Adam β1 = 0 (§3.6), ε = 0.001 (§3.6).
+
+Deviations, for our ~100–500-step budgets: LR 1e-3 instead of the [U] 7e-5 (which assumes ~10⁵
+steps; Adam moves each parameter by about one LR per step and θ has to travel from 0.001 to a few
+hundredths), and λ warm-up over the trainer's ``l1_warmup_fraction`` instead of 10k steps.
+
+θ is learned directly (as ``dictionary_learning`` does), not as ``log θ`` (as the authors'
+code and SAELens do). Two reasons: (1) the saved tensor is ``threshold`` in SAELens' ``jumprelu``
+layout, with no conversion on save, load, folding or gated → JumpReLU conversion; (2) Adam steps
+on ``log θ`` change θ by a *factor* of about ``1 ± lr`` per step, so from θ = 0.001 reaching the
+0.01–0.1 thresholds of unit-scale inputs takes thousands of steps, while additive steps take tens.
+θ is kept positive by clamping it to ``THRESHOLD_FLOOR`` after every optimiser step
+(:meth:`JumpReLUSAE.after_step`): with no sparsity pressure the reconstruction gradient pushes θ
+down without limit, and a θ ≤ 0 would let non-positive pre-activations through.
+
+This family is also the target of ``GatedSAE.to_jumprelu()`` (§2.6) and of loading Gemma Scope /
+SAELens ``jumprelu`` folders. A loaded negative θ acts as θ = 0, i.e. a plain ReLU, exactly as
+SAELens computes ``ReLU(π) ⊙ 1[π > θ]``.
 """
 
 from __future__ import annotations
+
+from typing import Any
 
 import torch
 from torch import Tensor, nn
 
 from saelab.config import SAEConfig
-from saelab.saes.base import SAE
+from saelab.saes.base import SAE, LossOutput
 from saelab.saes.registry import register
+
+#: smallest threshold training leaves behind (in normalised-input units); any positive value
+#: keeps f = 0 for π ≤ 0, and a tiny one changes nothing else.
+THRESHOLD_FLOOR = 1e-6
+
+#: default λ per sparsity loss, for inputs with E‖x‖² = 1. ``l0``: from two 60-step runs on
+#: SmolLM2-135M layer-6 residuals (d_sae 2048, batch 2048, LR 1e-3): λ = 1e-3 → L0 87,
+#: FVU 0.21; λ = 4e-3 → L0 62, FVU 0.23, both still falling (θ travel is LR-limited that early),
+#: so 4e-3 should settle in the tens over 100–500 steps. ``target_l0``: dictionary_learning's 1
+#: [C]. ``tanh``: [U] the l0 value scaled by ~1/tanh(4·0.1), not tuned.
+DEFAULT_LAMBDA = {"l0": 4e-3, "target_l0": 1.0, "tanh": 1e-2}
+
+
+def _count_dtype(t: Tensor) -> torch.dtype:
+    """Counts of up to B tokens must stay exact: float32 at least (bf16 rounds above 256)."""
+    return torch.promote_types(t.dtype, torch.float32)
+
+
+def _in_window(pi_BF: Tensor, theta_F: Tensor, bandwidth: float) -> Tensor:
+    """Rectangle kernel K((π − θ)/ε) as a bool mask: |π − θ| < ε/2."""
+    return (pi_BF - theta_F).abs_() < 0.5 * bandwidth
+
+
+class JumpReLUFunction(torch.autograd.Function):
+    """``f = π·1[π > θ]``: true derivative to π, pseudo-derivative ``−(θ/ε)K`` to θ (§3.3).
+
+    As in :meth:`JumpReLUSAE.encode`, a θ ≤ 0 (only ever loaded, never left by training) acts
+    as θ = 0 in the forward pass, so training starts from the function inference computes.
+    """
+
+    @staticmethod
+    def forward(ctx: Any, pi_BF: Tensor, theta_F: Tensor, bandwidth: float) -> Tensor:
+        ctx.save_for_backward(pi_BF, theta_F)
+        ctx.bandwidth = bandwidth
+        return torch.where(pi_BF > theta_F.clamp_min(0.0), pi_BF, 0.0)
+
+    @staticmethod
+    def backward(ctx: Any, grad_BF: Tensor) -> tuple[Tensor | None, Tensor | None, None]:
+        pi_BF, theta_F = ctx.saved_tensors
+        grad_pi = grad_theta = None
+        if ctx.needs_input_grad[0]:
+            grad_pi = torch.where(pi_BF > theta_F.clamp_min(0.0), grad_BF, 0.0)
+        if ctx.needs_input_grad[1]:
+            win_BF = _in_window(pi_BF, theta_F, ctx.bandwidth)
+            grad_theta = torch.where(win_BF, grad_BF, 0.0).sum(0) * (-theta_F / ctx.bandwidth)
+        return grad_pi, grad_theta, None
+
+
+class StepCount(torch.autograd.Function):
+    """Per-latent firing count over the batch, ``Σ_b H(π_b − θ)`` (the L0 term, §3.3).
+
+    Summing over the batch inside the function avoids a dense [B, F] float output. Backward:
+    no gradient to π; ``−(1/ε)·#{b : |π_b − θ| < ε/2}`` to θ.
+    """
+
+    @staticmethod
+    def forward(ctx: Any, pi_BF: Tensor, theta_F: Tensor, bandwidth: float) -> Tensor:
+        ctx.save_for_backward(pi_BF, theta_F)
+        ctx.bandwidth = bandwidth
+        return (pi_BF > theta_F.clamp_min(0.0)).sum(0, dtype=_count_dtype(pi_BF))
+
+    @staticmethod
+    def backward(ctx: Any, grad_F: Tensor) -> tuple[None, Tensor | None, None]:
+        pi_BF, theta_F = ctx.saved_tensors
+        grad_theta = None
+        if ctx.needs_input_grad[1]:
+            n_F = _in_window(pi_BF, theta_F, ctx.bandwidth).sum(0, dtype=grad_F.dtype)
+            grad_theta = (n_F * grad_F * (-1.0 / ctx.bandwidth)).to(theta_F.dtype)
+        return None, grad_theta, None
 
 
 @register
 class JumpReLUSAE(SAE):
     architecture = "jumprelu"
     saelens_architecture = "jumprelu"
-    trainable = False
-    # Gemma Scope convention (§0.2, §3.1): no pre-encoder bias.
-    defaults = {"apply_b_dec_to_input": False}
-
-    #: initial threshold of freshly built SAEs (§3.4)
-    init_threshold = 1e-3
+    defaults = {
+        # Gemma Scope convention (§0.2, §3.1): no pre-encoder bias.
+        "apply_b_dec_to_input": False,
+        # §3.4 [R]: E‖x‖² = 1, the scale at which ε = θ₀ = 0.001 are meaningful.
+        "normalize_activations": "scalar_unit_mean_sq_norm",
+        # an unknown sparsity_loss falls back here and is rejected by validate() in __init__
+        "l1_coefficient": lambda v: DEFAULT_LAMBDA.get(v["jumprelu"]["sparsity_loss"], 0.0),
+    }
+    # β1 = 0 (§3.6 [R]); LR 1e-3, not 7e-5: see the module docstring.
+    train_defaults = {"lr": 1e-3, "adam_beta1": 0.0}
+    # λ of the default l0 loss, high to low, aiming at L0 ≈ 10 / tens / ~100 on SmolLM2 (see
+    # DEFAULT_LAMBDA; the ends are extrapolated from short runs). Meant for the l0 loss: under
+    # target_l0, λ only weights the penalty and jumprelu.target_l0 sets the sparsity.
+    sweep_levels = (1.6e-2, 4e-3, 1e-3)
 
     def __init__(
         self,
@@ -44,11 +158,15 @@ class JumpReLUSAE(SAE):
         dtype: torch.dtype = torch.float32,
     ):
         super().__init__(cfg, device=device, dtype=dtype)
+        self.cfg.jumprelu.validate()
         kw = {"device": device, "dtype": dtype}
         self.b_enc = nn.Parameter(torch.zeros(self.d_sae, **kw))
-        # A Parameter (not a buffer) so SAELens' state-dict layout matches and a future
-        # trainer can learn it.
+        # A Parameter named as in SAELens' jumprelu layout; learned directly (module docstring).
         self.threshold = nn.Parameter(torch.zeros(self.d_sae, **kw))
+
+    @property
+    def unit_norm_decoder(self) -> bool:
+        return True  # N1 (§3.5)
 
     @torch.no_grad()
     def reset_parameters(self, generator: torch.Generator | None = None) -> None:
@@ -56,7 +174,7 @@ class JumpReLUSAE(SAE):
         self.init_tied_(generator, row_norm=1.0)
         self.b_enc.zero_()
         self.b_dec.zero_()
-        self.threshold.fill_(self.init_threshold)
+        self.threshold.fill_(self.cfg.jumprelu.init_threshold)
 
     def pre_acts(self, x_BD: Tensor) -> Tensor:
         return self._input_for_encoder(x_BD, self.W_enc) + self.b_enc
@@ -66,6 +184,52 @@ class JumpReLUSAE(SAE):
         # clamp: a negative θ behaves as ReLU, matching SAELens (see module docstring).
         return torch.where(pi_BF > self.threshold.clamp_min(0.0), pi_BF, 0.0)
 
+    # ---- training ------------------------------------------------------------------------------
+    def loss(self, x_BD: Tensor, step: int, *, dead_mask_F: Tensor | None = None,
+             **_: Tensor | None) -> LossOutput:
+        opts = self.cfg.jumprelu
+        eps = opts.bandwidth
+        n_tokens = x_BD.shape[0]
+        pi_BF = self.pre_acts(x_BD)
+        theta_F = self.threshold
+        f_BF = JumpReLUFunction.apply(pi_BF, theta_F, eps)
+        recon_BD = self.decode(f_BF)
+        mse = (recon_BD - x_BD).pow(2).sum(-1).mean()
+
+        norms_F = None
+        if opts.sparsity_loss == "tanh":
+            norms_F = self.W_dec.norm(dim=1)
+            sparsity = torch.tanh(f_BF * (opts.tanh_c * norms_F)).sum(-1).mean()
+            with torch.no_grad():
+                count_F = (f_BF != 0).sum(0, dtype=_count_dtype(pi_BF))
+        else:
+            count_F = StepCount.apply(pi_BF, theta_F, eps)
+            l0 = count_F.sum() / n_tokens
+            sparsity = l0 if opts.sparsity_loss == "l0" else (l0 / opts.target_l0 - 1.0).pow(2)
+
+        lam = self.cfg.l1_coefficient * self.sparsity_scale(step)
+        total = mse + lam * sparsity
+        terms = {"mse": mse, "sparsity": sparsity}
+        if opts.pre_act_coefficient > 0 and dead_mask_F is not None:
+            if norms_F is None:
+                norms_F = self.W_dec.norm(dim=1)
+            # Σ_i ReLU(θ_i − π_i)‖d_i‖ over dead latents: one matrix-vector product, no host
+            # sync (all-alive batches just contribute zero).
+            w_F = dead_mask_F.to(norms_F.dtype) * norms_F
+            pre_act = ((theta_F - pi_BF).relu() @ w_F).mean()
+            total = total + opts.pre_act_coefficient * pre_act
+            terms["pre_act"] = pre_act
+
+        count_F = count_F.detach()
+        return LossOutput(total, terms, f_BF, recon_BD, fired_F=count_F > 0,
+                          l0=count_F.sum() / n_tokens)
+
+    @torch.no_grad()
+    def after_step(self, step: int, out: LossOutput) -> None:
+        # Keep θ > 0 (module docstring): the reconstruction gradient alone drives it down.
+        self.threshold.clamp_(min=THRESHOLD_FLOOR)
+
+    # ---- folding -------------------------------------------------------------------------------
     def bias_names(self) -> tuple[str, ...]:
         return ("b_dec", "b_enc", "threshold")
 

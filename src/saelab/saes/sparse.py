@@ -1,9 +1,18 @@
-"""Sparse building blocks shared by the TopK family: sparse decoding, batch-level selection,
-the normalised reconstruction loss and AuxK (METHODS.md §0.6, §4).
+"""Sparse building blocks shared by the TopK family: sparse encoding and decoding, batch-level
+selection, the normalised reconstruction loss and AuxK (METHODS.md §0.6, §4).
 
 Codes are kept sparse as ``(idx, vals)`` pairs so no dense ``[B, F]`` code is built in the hot
-loop: decoding ``k`` latents per token is an ``embedding_bag`` over decoder rows (B·k·D work,
-not B·F·D), and its backward only touches the rows that fired.
+loop. Both directions of the SAE cost B·k·D per step instead of B·F·D, except the one dense
+matmul that selection needs:
+
+- decoding ``k`` latents per token is an ``embedding_bag`` over decoder rows, and its backward
+  only touches the rows that fired;
+- encoding (:class:`SparsePreActs`, :func:`topk_encode`): π is computed once *without autograd*,
+  the selection runs on it, and only the selected entries are re-attached to the graph. Their
+  backward forms ``dW_enc``, ``db_enc`` and (with the pre-encoder bias) ``db_dec`` from the
+  selected entries alone, so the dense ``[D, B] × [B, F]`` gradient matmul and the dense
+  ``[B, F]`` gradient of autograd-through-``topk`` are never built. Gradients are exact (the
+  same numbers autograd gives through the dense π; tested in float64).
 """
 
 from __future__ import annotations
@@ -49,19 +58,150 @@ class SparseCode(NamedTuple):
             B, K = self.idx.shape
             return torch.arange(B, device=self.idx.device)[:, None].expand(B, K)
         counts = self.offsets.diff()
-        return torch.repeat_interleave(torch.arange(len(counts), device=self.idx.device), counts)
+        return torch.repeat_interleave(torch.arange(len(counts), device=self.idx.device), counts,
+                                       output_size=self.idx.numel())
 
     def fired(self, d_sae: int) -> Tensor:
-        """bool ``[F]``: latents with a nonzero code somewhere in the batch."""
-        fired = torch.zeros(d_sae, dtype=torch.bool, device=self.idx.device)
-        nz = self.vals != 0
-        return fired.index_fill_(0, self.idx[nz].flatten(), True)
+        """bool ``[F]``: latents with a nonzero code somewhere in the batch (no host sync)."""
+        nz = (self.vals != 0).flatten().to(torch.uint8)
+        hits = torch.zeros(d_sae, dtype=torch.uint8, device=self.idx.device)
+        return hits.scatter_reduce_(0, self.idx.flatten(), nz, "amax").bool()
 
     def l0(self, batch: int) -> Tensor:
         """Mean number of nonzero codes per row."""
         return (self.vals != 0).sum().float() / batch
 
 
+# ---- sparse encoder backward ------------------------------------------------------------------
+def scatter_rows(idx: Tensor, offsets: Tensor | None, weights: Tensor, rows_BD: Tensor,
+                 n_out: int) -> Tensor:
+    """``out[f] = Σ_{entries e with idx_e = f} weights_e · rows_BD[row(e)]`` → ``[n_out, D]``.
+
+    ``idx``/``weights``/``offsets`` are in :class:`SparseCode` layout. This is the weight
+    gradient of an ``embedding_bag`` and the encoder-weight gradient of a sparse code. It runs
+    as the transposed product ``Gᵀ · rows`` of the code's CSR matrix ``G`` ``[B, n_out]``: the
+    code's layout *is* CSR (``offsets`` or ``k``-strided row pointers), so nothing is sorted or
+    copied, and no ``[N, D]`` temporary is made. Measured on a 2-core AVX2 CPU at B·k = 131k,
+    D = 576 it beat ``index_add_`` (any chunk size) by ~7x and the ``embedding_bag`` backward
+    by ~1.5x.
+    """
+    B = rows_BD.shape[0]
+    if offsets is None:
+        K = idx.shape[1] if idx.dim() == 2 else 1
+        crow = torch.arange(0, B * K + 1, K, device=idx.device)
+    else:
+        crow = offsets
+    G = torch.sparse_csr_tensor(crow, idx.reshape(-1), weights.reshape(-1).to(rows_BD.dtype),
+                                (B, n_out), check_invariants=False)
+    return torch.sparse.mm(G.t(), rows_BD)
+
+
+class _SelectedPreActs(torch.autograd.Function):
+    """``π[row(e), idx_e]`` for the entries of a code, with the sparse encoder backward.
+
+    π = ``(x − b_dec) W + b_enc`` (``b_dec``/``b_enc`` may be None). The forward reads the
+    values from the precomputed, detached ``pre_BF``; the backward, given ``g_e = dL/dπ_e``::
+
+        s_F        = Σ_e g_e [idx_e = F]                        (db_enc)
+        dW[:, f]   = Σ_{e: idx_e = f} g_e x_row(e)  −  b_dec s_f
+        db_dec     = −W s
+        dx_b       = Σ_{e in row b} g_e W[:, idx_e]             (only if x needs grad)
+    """
+
+    @staticmethod
+    def forward(ctx, pre_BF: Tensor, x_BD: Tensor, W_DF: Tensor, b_enc_F: Tensor | None,
+                b_dec_D: Tensor | None, idx: Tensor, offsets: Tensor | None) -> Tensor:
+        if offsets is None:
+            vals = pre_BF.gather(1, idx)
+        else:
+            vals = pre_BF[SparseCode(idx, idx, offsets).rows(), idx]
+        ctx.has_b_enc, ctx.has_b_dec = b_enc_F is not None, b_dec_D is not None
+        ctx.save_for_backward(x_BD, W_DF, b_dec_D, idx, offsets)
+        return vals
+
+    @staticmethod
+    def backward(ctx, g: Tensor):
+        x_BD, W_DF, b_dec_D, idx, offsets = ctx.saved_tensors
+        need = ctx.needs_input_grad
+        Fdim = W_DF.shape[1]
+        g = g.contiguous()
+        s_F = None
+        if need[3] or need[4] or (need[2] and ctx.has_b_dec):
+            s_F = g.new_zeros(Fdim).index_add_(0, idx.reshape(-1), g.reshape(-1))
+        dW = d_benc = d_bdec = dx = None
+        if need[2]:
+            dW = scatter_rows(idx, offsets, g, x_BD, Fdim).T.contiguous()
+            if ctx.has_b_dec:
+                dW.addr_(b_dec_D, s_F, alpha=-1)
+        if need[3]:
+            d_benc = s_F
+        if need[4]:
+            d_bdec = -(W_DF @ s_F)
+        if need[1]:
+            dx = SparseCode(idx, g, offsets).decode(W_DF.T.contiguous())
+        return None, dx, dW, d_benc, d_bdec, None, None
+
+
+class SparsePreActs:
+    """Encoder pre-activations ``π = (x − b_dec) W_enc + b_enc`` for sparse training.
+
+    ``dense`` is π ``[B, F]`` computed with one ``addmm`` and *no autograd*: run the selection
+    on it. :meth:`gather` then returns the selected entries as differentiable values whose
+    gradients reach ``W_enc``, ``b_enc``, ``b_dec`` (and ``x`` if it needs grad) through the
+    sparse backward of :class:`_SelectedPreActs`. Pass ``b_dec_D=None`` without the
+    pre-encoder bias and ``b_enc_F=None`` for encoders without one.
+    """
+
+    def __init__(self, x_BD: Tensor, W_enc_DF: Tensor, b_enc_F: Tensor | None = None,
+                 b_dec_D: Tensor | None = None):
+        self.x_BD, self.W_enc_DF, self.b_enc_F, self.b_dec_D = x_BD, W_enc_DF, b_enc_F, b_dec_D
+        with torch.no_grad():
+            bias_F = b_enc_F if b_enc_F is not None else None
+            if b_dec_D is not None:
+                shift_F = b_dec_D @ W_enc_DF
+                bias_F = -shift_F if bias_F is None else bias_F - shift_F
+            if bias_F is None:
+                self.dense = x_BD @ W_enc_DF
+            else:
+                self.dense = torch.addmm(bias_F, x_BD, W_enc_DF)
+
+    @property
+    def shape(self) -> torch.Size:
+        return self.dense.shape
+
+    def gather(self, idx: Tensor, offsets: Tensor | None = None) -> Tensor:
+        """Differentiable π at the entries of a code (``SparseCode`` layout)."""
+        return _SelectedPreActs.apply(self.dense, self.x_BD, self.W_enc_DF, self.b_enc_F,
+                                      self.b_dec_D, idx, offsets)
+
+
+def attach_grad(pre: SparsePreActs, code: SparseCode, signed: bool = False) -> SparseCode:
+    """``code`` with its values recomputed from ``pre`` so they carry gradients.
+
+    The values become ``ReLU(π)`` (``π`` if ``signed``) at the selected entries; entries the
+    selection zeroed (``vals == 0``, e.g. unmatched Feature Choice slots) stay zero. The numbers
+    equal ``code.vals`` for every selection that keeps ``act(π)`` values.
+    """
+    v = pre.gather(code.idx, code.offsets)
+    if not signed:
+        v = torch.relu(v)
+    return code._replace(vals=torch.where(code.vals != 0, v, 0.0))
+
+
+def topk_encode(x_BD: Tensor, W_enc_DF: Tensor, b_enc_F: Tensor | None, b_dec_D: Tensor | None,
+                k: int, signed: bool = False) -> tuple[SparseCode, SparsePreActs]:
+    """TopK (or AbsTopK) encoding for training with the sparse encoder backward.
+
+    Returns the code (differentiable ``vals``) and the :class:`SparsePreActs` (dense π for AuxK
+    and other selections). Same values and gradients as ``topk_per_token(π, k, signed)`` with
+    autograd through the dense π, at B·k·D backward cost instead of B·F·D.
+    """
+    pre = SparsePreActs(x_BD, W_enc_DF, b_enc_F, b_dec_D)
+    code = topk_per_token(pre.dense, min(k, pre.shape[1]), signed=signed)
+    return attach_grad(pre, code, signed=signed), pre
+
+
+# ---- selection --------------------------------------------------------------------------------
 def topk_per_token(pre_BF: Tensor, k: int, signed: bool = False) -> SparseCode:
     """TopK (§4.1): ``ReLU(TopK_k(π))``, or AbsTopK (§5): the k largest ``|π|`` with signs."""
     if signed:
@@ -88,15 +228,17 @@ def topk_per_batch(acts_BF: Tensor, k_total: int) -> SparseCode:
     return SparseCode(flat - rows * Fdim, vals, offsets)
 
 
+# ---- losses -----------------------------------------------------------------------------------
 def normalized_mse(recon_BD: Tensor, x_BD: Tensor) -> Tensor:
     """Batch FVU ``Σ‖x − x̂‖² / Σ‖x − x̄‖²`` (the sparsify form of §4.2's normalised MSE)."""
-    var = (x_BD - x_BD.mean(0)).pow(2).sum()
-    return (recon_BD - x_BD).pow(2).sum() / var.clamp_min(1e-12)
+    xc = (x_BD - x_BD.mean(0)).flatten()
+    var = xc @ xc  # one BLAS dot, no squared temporary
+    return F.mse_loss(recon_BD, x_BD, reduction="sum") / var.clamp_min(1e-12)
 
 
-def auxk_loss(pre_BF: Tensor, residual_BD: Tensor, W_dec_FD: Tensor, dead_mask_F: Tensor | None,
-              k_aux: int, *, signed: bool = False, scale_by_dead: bool = False,
-              weight_F: Tensor | None = None) -> Tensor:
+def auxk_loss(pre_BF: Tensor | SparsePreActs, residual_BD: Tensor, W_dec_FD: Tensor,
+              dead_mask_F: Tensor | None, k_aux: int, *, signed: bool = False,
+              scale_by_dead: bool = False, weight_F: Tensor | None = None) -> Tensor:
     """AuxK (§0.6): the top-``k_aux`` dead latents reconstruct the (detached) residual.
 
     ``L_aux = ‖ê − e‖² / ‖e − ē‖²`` over the batch, ``ê`` decoded without ``b_dec``; exactly 0
@@ -105,22 +247,28 @@ def auxk_loss(pre_BF: Tensor, residual_BD: Tensor, W_dec_FD: Tensor, dead_mask_F
     ``scale_by_dead`` multiplies by ``min(n_dead / k_aux, 1)`` (sparsify); ``weight_F``
     (optional, per latent) scales each latent's code, as aux_zipf_loss's deficit weighting.
 
+    ``pre_BF`` is either π with autograd (dense backward through the dead columns) or a
+    :class:`SparsePreActs` (sparse backward through the B·k_aux selected entries only).
     Finding the dead set costs one host sync (``nonzero``); the trainer calls this once a step.
     """
+    dense_BF = pre_BF.dense if isinstance(pre_BF, SparsePreActs) else pre_BF
     if dead_mask_F is None:
-        return pre_BF.new_zeros(())
+        return dense_BF.new_zeros(())
     dead_idx = dead_mask_F.nonzero().squeeze(1)
     n_dead = dead_idx.numel()
     if n_dead == 0 or k_aux <= 0:
-        return pre_BF.new_zeros(())
+        return dense_BF.new_zeros(())
     e_BD = residual_BD.detach()
     k = min(k_aux, n_dead)
-    p_dead = pre_BF.index_select(1, dead_idx)
+    p_dead = dense_BF.index_select(1, dead_idx)
     code = topk_per_token(p_dead, k, signed=signed)
+    idx = dead_idx[code.idx]
     vals = code.vals
+    if isinstance(pre_BF, SparsePreActs):
+        vals = attach_grad(pre_BF, SparseCode(idx, vals), signed=signed).vals
     if weight_F is not None:
-        vals = vals * weight_F[dead_idx][code.idx]
-    e_hat_BD = F.embedding_bag(dead_idx[code.idx], W_dec_FD, per_sample_weights=vals, mode="sum")
+        vals = vals * weight_F[idx]
+    e_hat_BD = F.embedding_bag(idx, W_dec_FD, per_sample_weights=vals, mode="sum")
     loss = normalized_mse(e_hat_BD, e_BD)
     if scale_by_dead:
         loss = loss * min(n_dead / k_aux, 1.0)

@@ -14,12 +14,17 @@ loss = batch-normalised MSE (FVU of the batch, the sparsify form of §4.2) + α�
 - ``abstopk``: the k largest ``|π|`` per token with their signs, no ReLU (§5.2); the pre-encoder
   bias and AuxK (selected by ``|π|``, signed) are [U] options kept on by default (§5.3).
 
-Training decodes sparsely (``embedding_bag`` over the k active rows), never a dense code.
+Training is sparse in both directions (``saes/sparse.py``): π is computed once without autograd,
+the selection runs on it, and only the selected entries are re-attached (``SparsePreActs``), so
+the encoder backward costs B·k·D, not a dense [D, B] × [B, F] matmul; decoding is an
+``embedding_bag`` over the k active rows. Gradients are exactly those of autograd through the
+dense π (``sparse_encoder_grad = False`` restores that path).
 """
 
 from __future__ import annotations
 
 import math
+from typing import ClassVar
 
 import torch
 from torch import Tensor, nn
@@ -28,6 +33,8 @@ from saelab.saes.base import SAE, LossOutput
 from saelab.saes.registry import register
 from saelab.saes.sparse import (
     SparseCode,
+    SparsePreActs,
+    attach_grad,
     auxk_loss,
     normalized_mse,
     topk_per_batch,
@@ -53,6 +60,11 @@ class TopKSAE(SAE):
     sweep_levels = (16, 32, 64)
     #: AbsTopK selects by |π| and keeps signs
     signed = False
+    #: ``loss`` selects on a detached π and re-attaches only the selected entries (sparse
+    #: encoder backward, exact gradients). This needs ``select_train`` codes whose nonzero values
+    #: are ``ReLU(π)`` (``π`` if ``signed``) at their entries; a family whose training values are
+    #: anything else (noise, rescaling) sets this False or overrides ``loss``.
+    sparse_encoder_grad: ClassVar[bool] = True
 
     def __init__(self, cfg, device=None, dtype=torch.float32):
         super().__init__(cfg, device=device, dtype=dtype)
@@ -77,7 +89,19 @@ class TopKSAE(SAE):
         self.b_dec.zero_()
 
     def pre_acts(self, x_BD: Tensor) -> Tensor:
-        return self._input_for_encoder(x_BD, self.W_enc) + self.b_enc
+        """π with autograd (inference, and families that differentiate through the dense π).
+
+        One ``addmm`` with the folded bias ``b_enc − b_dec W_enc``: no [B, D] or extra [B, F]
+        pass, and b_dec's gradient stays a matrix-vector product."""
+        bias_F = self.b_enc
+        if self.cfg.apply_b_dec_to_input:
+            bias_F = bias_F - self.b_dec @ self.W_enc
+        return torch.addmm(bias_F, x_BD, self.W_enc)
+
+    def sparse_pre_acts(self, x_BD: Tensor) -> SparsePreActs:
+        """π without autograd plus a sparse backward for the entries later selected."""
+        b_dec = self.b_dec if self.cfg.apply_b_dec_to_input else None
+        return SparsePreActs(x_BD, self.W_enc, self.b_enc, b_dec)
 
     # ---- selection: inference (encode) and training (loss) ---------------------------------
     def select(self, pre_BF: Tensor) -> SparseCode:
@@ -91,27 +115,37 @@ class TopKSAE(SAE):
     def encode(self, x_BD: Tensor) -> Tensor:
         return self.select(self.pre_acts(x_BD)).dense(x_BD.shape[0], self.d_sae)
 
-    def aux_loss(self, pre_BF: Tensor, residual_BD: Tensor, dead_mask_F: Tensor | None) -> Tensor:
+    def aux_loss(self, pre_BF: Tensor | SparsePreActs, residual_BD: Tensor,
+                 dead_mask_F: Tensor | None) -> Tensor:
+        """AuxK; ``pre_BF`` is π with autograd or (from ``loss``) a ``SparsePreActs``."""
         t = self.cfg.topk
         if t.aux_coefficient == 0:
-            return pre_BF.new_zeros(())
+            return residual_BD.new_zeros(())
         return auxk_loss(pre_BF, residual_BD, self.W_dec, dead_mask_F, self.k_aux,
                          signed=self.signed, scale_by_dead=t.aux_scale_by_dead)
 
     def loss(self, x_BD: Tensor, step: int, *, dead_mask_F: Tensor | None = None,
              **_: Tensor | None) -> LossOutput:
-        pre_BF = self.pre_acts(x_BD)
-        code = self.select_train(pre_BF, step)
+        pre: Tensor | SparsePreActs
+        if self.sparse_encoder_grad:
+            pre = self.sparse_pre_acts(x_BD)
+            pre_BF = pre.dense
+            code = attach_grad(pre, self.select_train(pre_BF, step), signed=self.signed)
+        else:
+            pre = pre_BF = self.pre_acts(x_BD)
+            code = self.select_train(pre_BF, step)
         recon_BD = code.decode(self.W_dec) + self.b_dec
         nmse = normalized_mse(recon_BD, x_BD)
         terms = {"nmse": nmse}
         total = nmse
         if self.cfg.topk.multi_topk and self.architecture == "topk":
-            k4 = min(4 * self.k, self.d_sae)
-            recon4 = topk_per_token(pre_BF, k4).decode(self.W_dec) + self.b_dec
+            code4 = topk_per_token(pre_BF, min(4 * self.k, self.d_sae))
+            if isinstance(pre, SparsePreActs):
+                code4 = attach_grad(pre, code4)
+            recon4 = code4.decode(self.W_dec) + self.b_dec
             terms["multi_topk"] = normalized_mse(recon4, x_BD)
             total = total + terms["multi_topk"] / 8
-        aux = self.aux_loss(pre_BF, x_BD - recon_BD, dead_mask_F)
+        aux = self.aux_loss(pre, x_BD - recon_BD, dead_mask_F)
         terms["auxk"] = aux
         total = total + self.cfg.topk.aux_coefficient * aux
         B = x_BD.shape[0]
@@ -174,12 +208,15 @@ class ThresholdedBatchSAE(TopKSAE):
     def update_threshold(self, estimate_F: Tensor) -> None:
         """Fold one batch's estimate (scalar or per latent; inf = no estimate) into the EMA.
 
-        The first estimate is taken as is (no bias towards the zero start); no host sync."""
+        The weight of the new estimate is ``max(1 - β, 1/(n + 1))`` after ``n`` estimates: a
+        plain running mean until ``n`` reaches ``1/(1 - β)``, an EMA after. A bare EMA with
+        β = 0.999 would barely move from its first estimate in our ~100–500-step runs (its
+        first ~1000 updates are dominated by the start). No host sync."""
         beta = self.cfg.topk.threshold_beta
         est = estimate_F.to(self.threshold.dtype).expand_as(self.threshold)
         valid = torch.isfinite(est)
-        first = self.threshold_updates == 0
-        new = torch.where(first, est, beta * self.threshold + (1 - beta) * est)
+        w = (1.0 / (self.threshold_updates + 1).to(est.dtype)).clamp_min(1 - beta)
+        new = self.threshold + w * (torch.where(valid, est, self.threshold) - self.threshold)
         self.threshold.copy_(torch.where(valid, new, self.threshold))
         self.threshold_updates.add_(valid.any().long())
 

@@ -1,0 +1,232 @@
+"""One contender of ``train_throughput.py``: builds a training step, then times it on request.
+
+Runs in saelab's venv (``saelab/*``, ``ceiling/*``) or in the baselines venv (``sparsify/*``,
+``sae_lens/*``), so it imports only what its contender needs. Protocol (stdout lines starting
+with ``BENCH``, anything else a library prints is ignored by the controller)::
+
+    worker → BENCH {"ready": true, ...}             after set-up and warm-up
+    stdin  ← run N                                   time N steps
+    worker → BENCH {"times": [seconds, ...]}
+    stdin  ← quit
+
+Every contender trains on the same rows (``--rows``: a safetensors file with ``rows`` [N, D]),
+cycling through them one batch per step, with the library's own defaults unless stated.
+``--dead-fraction f`` marks the same fixed f·d_sae latents dead in the library's *own*
+dead-latent counter before every step, so its AuxK loss runs (the set-up is not timed).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from collections.abc import Callable
+
+import torch
+
+D_SAE, K = 4096, 32
+
+
+def _emit(obj: dict) -> None:
+    sys.__stdout__.write("BENCH " + json.dumps(obj) + "\n")
+    sys.__stdout__.flush()
+
+
+def _dead_idx(d_sae: int, fraction: float) -> torch.Tensor:
+    n = int(round(fraction * d_sae))
+    return torch.randperm(d_sae, generator=torch.Generator().manual_seed(1))[:n]
+
+
+# ---- saelab -----------------------------------------------------------------------------------
+def saelab_step(arch: str, rows: torch.Tensor, batch: int, dead_fraction: float):
+    from saelab.config import SAEConfig, TopKOptions, TrainConfig
+    from saelab.saes.registry import build_sae
+    from saelab.train.trainer import Trainer
+
+    sae = build_sae(SAEConfig(architecture=arch, d_in=rows.shape[1], d_sae=D_SAE,
+                              topk=TopKOptions(k=K)))
+    sae.init_from_data(rows[:batch])
+    tr = Trainer(sae, TrainConfig(tokens=batch * 10**6, batch_size=batch, log_every=10**9,
+                                  checkpoint_every=0), progress=False)
+    dead = _dead_idx(D_SAE, dead_fraction)
+
+    def prepare() -> None:
+        tr.dead.tokens_since_fired[dead] = tr.dead.window_tokens + 1
+
+    def step(x: torch.Tensor) -> None:
+        tr._train_step(x)  # the trainer's real step: loss, backward, N1, clip, Adam, tracking
+        tr.step += 1
+
+    return step, prepare
+
+
+# ---- dense-matmul ceiling ---------------------------------------------------------------------
+def ceiling_step(rows: torch.Tensor, batch: int):
+    """Only the five [B,D]x[D,F]-sized matmuls of a ReLU SAE step, into preallocated outputs:
+    encoder forward, decoder forward, decoder weight grad, code grad, encoder weight grad."""
+    D = rows.shape[1]
+    g = torch.Generator().manual_seed(0)
+    W_enc = torch.randn(D, D_SAE, generator=g) / D**0.5
+    W_dec = torch.randn(D_SAE, D, generator=g) / D_SAE**0.5
+    f_BF, df_BF = torch.empty(batch, D_SAE), torch.empty(batch, D_SAE)
+    r_BD = torch.empty(batch, D)
+    dW_dec, dW_enc = torch.empty(D_SAE, D), torch.empty(D, D_SAE)
+
+    def step(x: torch.Tensor) -> None:
+        torch.mm(x, W_enc, out=f_BF)
+        torch.mm(f_BF, W_dec, out=r_BD)
+        torch.mm(f_BF.T, r_BD, out=dW_dec)
+        torch.mm(r_BD, W_dec.T, out=df_BF)
+        torch.mm(x.T, df_BF, out=dW_enc)
+
+    return step, None
+
+
+# ---- EleutherAI sparsify ----------------------------------------------------------------------
+def sparsify_step(rows: torch.Tensor, batch: int, dead_fraction: float):
+    """The body of ``sparsify.Trainer.fit`` for one batch (fvu loss, optimizer="adam"), calling
+    sparsify's own SparseCoder forward (fused TopK encoder, AuxK, eager embedding_bag decoder),
+    gradient projection, decoder renormalisation and dead-latent bookkeeping. AuxK is on
+    (auxk_alpha = 1/32) so its dead-latent check runs, as in saelab."""
+    from sparsify import SparseCoder, SparseCoderConfig
+    from transformers import get_linear_schedule_with_warmup
+
+    torch.manual_seed(0)
+    sae = SparseCoder(rows.shape[1], SparseCoderConfig(num_latents=D_SAE, k=K), device="cpu",
+                      dtype=torch.float32)
+    lr = 2e-4 / (sae.num_latents / 2**14) ** 0.5
+    opt = torch.optim.Adam(sae.parameters(), lr=lr)
+    sched = get_linear_schedule_with_warmup(opt, 1000, 10**6)
+    auxk_alpha, threshold = 1 / 32, 10_000_000
+    since_fired = torch.zeros(D_SAE, dtype=torch.long)
+    did_fire = torch.zeros(D_SAE, dtype=torch.bool)
+    dead = _dead_idx(D_SAE, dead_fraction)
+
+    def prepare() -> None:
+        since_fired[dead] = threshold + 1
+
+    def step(x: torch.Tensor) -> None:
+        sae.set_decoder_norm_to_unit_norm()
+        dead_mask = since_fired > threshold
+        total_variance = (x - x.mean(0)).pow(2).sum()
+        out = sae(x=x, y=x, dead_mask=dead_mask, total_variance=total_variance)
+        did_fire[out.latent_indices.flatten()] = True
+        float(out.fvu.detach())
+        float(out.auxk_loss.detach())
+        loss = out.fvu + auxk_alpha * out.auxk_loss + out.multi_topk_fvu / 8
+        loss.backward()
+        sae.remove_gradient_parallel_to_decoder_directions()
+        opt.step()
+        opt.zero_grad()
+        sched.step()
+        with torch.no_grad():
+            since_fired.add_(x.shape[0])
+            since_fired[did_fire] = 0
+            did_fire.zero_()
+
+    return step, prepare
+
+
+# ---- SAELens -----------------------------------------------------------------------------------
+def saelens_step(arch: str, rows: torch.Tensor, batch: int, dead_fraction: float):
+    """``SAETrainer.step`` (training_forward_pass incl. AuxK, dead-neuron tracking, backward,
+    grad clipping, Adam, schedulers) with each training SAE's default config."""
+    from sae_lens.config import SAETrainerConfig
+    from sae_lens.training.sae_trainer import SAETrainer
+
+    d = rows.shape[1]
+    torch.manual_seed(0)
+    if arch == "topk":
+        from sae_lens.saes.topk_sae import TopKTrainingSAE, TopKTrainingSAEConfig
+
+        sae = TopKTrainingSAE(TopKTrainingSAEConfig(d_in=d, d_sae=D_SAE, k=K))
+    elif arch == "batchtopk":
+        from sae_lens.saes.batchtopk_sae import BatchTopKTrainingSAE, BatchTopKTrainingSAEConfig
+
+        sae = BatchTopKTrainingSAE(BatchTopKTrainingSAEConfig(d_in=d, d_sae=D_SAE, k=K))
+    elif arch == "gated":
+        from sae_lens.saes.gated_sae import GatedTrainingSAE, GatedTrainingSAEConfig
+
+        sae = GatedTrainingSAE(GatedTrainingSAEConfig(d_in=d, d_sae=D_SAE, l1_coefficient=1.0))
+    elif arch == "relu":
+        from sae_lens.saes.standard_sae import StandardTrainingSAE, StandardTrainingSAEConfig
+
+        sae = StandardTrainingSAE(StandardTrainingSAEConfig(d_in=d, d_sae=D_SAE,
+                                                            l1_coefficient=1.0))
+    else:
+        raise SystemExit(f"unknown sae_lens contender {arch}")
+    # lr_end: the runner config's post-init default (lr / 10); unused by the constant schedule
+    cfg = SAETrainerConfig(total_training_samples=batch * 10**6, train_batch_size_samples=batch,
+                           device="cpu", lr=3e-4, lr_end=3e-5)
+    trainer = SAETrainer(cfg=cfg, sae=sae, data_provider=iter(()))
+    dead = _dead_idx(D_SAE, dead_fraction)
+
+    def prepare() -> None:
+        trainer.n_forward_passes_since_fired[dead] = cfg.dead_feature_window + 1
+
+    def step(x: torch.Tensor) -> None:
+        trainer.step(x)
+        trainer.n_training_steps += 1
+
+    return step, prepare
+
+
+def build(name: str, rows: torch.Tensor, batch: int,
+          dead_fraction: float) -> tuple[Callable, Callable | None]:
+    lib, _, arch = name.partition("/")
+    if lib == "saelab":
+        return saelab_step(arch, rows, batch, dead_fraction)
+    if lib == "ceiling":
+        return ceiling_step(rows, batch)
+    if lib == "sparsify":
+        return sparsify_step(rows, batch, dead_fraction)
+    if lib == "sae_lens":
+        return saelens_step(arch, rows, batch, dead_fraction)
+    raise SystemExit(f"unknown contender {name}")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--contender", required=True)
+    ap.add_argument("--rows", required=True)
+    ap.add_argument("--batch", type=int, default=4096)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--warmup", type=int, default=2)
+    ap.add_argument("--dead-fraction", type=float, default=0.0)
+    args = ap.parse_args()
+
+    torch.set_num_threads(args.threads)
+    sys.stdout = sys.stderr  # library chatter must not reach the protocol stream
+    from safetensors.torch import load_file
+
+    rows = load_file(args.rows)["rows"]
+    n_batches = rows.shape[0] // args.batch
+    batches = [rows[i * args.batch:(i + 1) * args.batch] for i in range(n_batches)]
+    t0 = time.perf_counter()
+    step, prepare = build(args.contender, rows, args.batch, args.dead_fraction)
+    i = 0
+    for _ in range(args.warmup):
+        if prepare is not None:
+            prepare()
+        step(batches[i % n_batches])
+        i += 1
+    _emit({"ready": True, "setup_seconds": time.perf_counter() - t0,
+           "torch": torch.__version__, "threads": torch.get_num_threads()})
+    for line in sys.stdin:
+        cmd = line.split()
+        if not cmd or cmd[0] == "quit":
+            break
+        times = []
+        for _ in range(int(cmd[1])):
+            if prepare is not None:
+                prepare()
+            t = time.perf_counter()
+            step(batches[i % n_batches])
+            times.append(time.perf_counter() - t)
+            i += 1
+        _emit({"times": times})
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,260 @@
+"""top-AFA SAE (Lee, Davies, Canby & Hockenmaier 2025; METHODS.md §10) and the AFA analysis tools.
+
+Approximate Feature Activation (§10.1): if ``z = Σ_i f_i d_i`` with unit-norm, ε-quasi-orthogonal
+directions (``|d_i·d_j| ≤ ε``), then ``|‖z‖² − ‖f‖²| ≤ ε(h − 1)‖f‖²`` with ``h`` the number of
+(active) latents, so ``‖f‖ ≈ ‖z‖``. top-AFA turns that into the activation (§10.2, [C])::
+
+    x_c = x − b_dec
+    a   = ReLU(x_c W_enc)                       (+ b_enc if ``afa.encoder_bias``)
+    s_i = (a_i ‖d_i‖)²,  sorted descending;  c_j = sqrt(Σ_{t ≤ j} s_(t)),  c_M := +∞
+    k*  = argmin_j |c_j − ‖x_c‖| + 1            (``afa.selection = nearest``, the code)
+        | first j with c_j ≥ ‖x_c‖              (``first_exceeding``)
+    f   = a on its k* largest s;   x̂ = f W_dec + b_dec
+
+so every token gets its own number of active latents and there is no ``k``. ``k*`` is also capped
+at the number of positive activations (the extra entries would be zeros; this only matters for
+``first_exceeding`` when no prefix reaches the target). Training loss (§10.3)::
+
+    L = nmse(x̂, x) + α_aux · AuxK + λ_AFA · mean_b((‖f_b‖ − t_b)²) / v
+
+- ``nmse`` is the batch-normalised MSE of the TopK family, ``Σ‖x − x̂‖² / Σ‖x − x̄‖²``. The
+  reference uses elementwise MSE on per-token standardised inputs; ``v`` (the batch's
+  per-dimension variance, ``Σ‖x − x̄‖² / (B·D)``) is the factor that turns elementwise MSE into
+  that nmse, so dividing the AFA term by it keeps the reference's reconstruction : AFA ratio
+  for any input scale.
+- ``t_b`` (``afa.afa_target``, detached): ``uncentered`` ``‖x_b‖`` (default, what the code
+  compares to) or ``centered`` ``‖x_b − b_dec‖`` (what the selection uses). ``‖f_b‖`` uses the raw
+  activations, as the code (decoder rows are unit-norm, N1).
+- AuxK (§0.6) with the library's TopK options (``topk.aux_k`` 0 = d_in/2, ``topk.aux_coefficient``
+  1/32); the reference uses k_aux = 512, dead after 5 batches, and elementwise MSE.
+
+Deviations from the reference code, on purpose:
+
+- **Input normalisation.** The code standardises every token (``input_unit_norm``, §0.3 mode 3)
+  and de-standardises the output. We keep the library's scalar normalisation (§0.3 mode 2,
+  folded into the weights at save time) so the saved SAE is a plain function of the raw
+  activation. Consequence: under standardisation ``‖x'‖ = √(D − 1)`` for every token, so the
+  code's *uncentered* AFA target is a constant; here ``‖x‖`` varies per token and includes the
+  dataset mean that ``b_dec`` absorbs, which makes ``centered`` the more natural choice on
+  activations with a large mean. The default stays ``uncentered`` to match the code.
+- **b_enc** exists but is unused in the reference forward. ``afa.encoder_bias`` (default off,
+  matching the code) adds it; when off the SAE has no ``b_enc`` tensor at all.
+- **b_dec init.** Not a deviation, but unlike the rest of the library: ``b_dec_init`` defaults to
+  ``zeros`` here, as in the reference (``--b-dec-init`` still overrides it). With the uncentered
+  target a data-initialised ``b_dec`` makes the AFA target ``‖x‖`` and the selection target
+  ``‖x − b_dec‖`` disagree from step 0; the AFA term then keeps inflating activations and the
+  selection keeps dropping latents (SmolLM2 layer-6, 80 steps: L0 220 → 13 with FVU rising
+  0.49 → 0.67; starting from 0 both targets agree and FVU fell to 0.16).
+
+Init (§10.4, [C]): Kaiming-uniform tied init with unit-norm decoder rows; the encoder keeps the
+Kaiming column scale ``sqrt(2·d_in/d_sae)`` of the reference (its ``W_enc`` is Kaiming-uniform and
+only ``W_dec`` is normalised), so at init all positive activations together carry about
+``‖x_c‖``: the first steps start from large k* and training sharpens the code. Decoder: N1.
+
+Not loadable by SAELens (the per-token k* has no SAELens equivalent); saved as
+``saelab.topafa``.
+
+Selection cost: a full per-token sort of ``[B, F]`` scores (as the reference) plus one host sync
+to size the ragged code (``Σ_b k*_b`` is data-dependent). Training is otherwise sparse like the
+TopK family: π is computed without autograd, only the selected entries are re-attached
+(``SparsePreActs``, encoder backward B·k*·D), and decoding is an ``embedding_bag``.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor, nn
+
+from saelab.errors import ConfigError
+from saelab.saes.base import SAE, LossOutput
+from saelab.saes.registry import register
+from saelab.saes.sparse import (
+    SparseCode,
+    SparsePreActs,
+    attach_grad,
+    auxk_loss,
+    normalized_mse,
+)
+from saelab.saes.topk import topk_lr
+
+# ---- the top-AFA selection ---------------------------------------------------------------------
+
+
+def afa_k(acts_BF: Tensor, dec_norm_F: Tensor, target_B: Tensor, rule: str = "nearest"
+          ) -> tuple[Tensor, Tensor]:
+    """Per-token ``k*`` and the latent order (by ``(a_i‖d_i‖)²`` descending), §10.2.
+
+    Returns ``(k_B, order_BF)``; ``k_B ≥ 1`` and ``≤`` the number of positive activations
+    (or 1 if there are none). No gradient.
+    """
+    with torch.no_grad():
+        s_sorted, order = (acts_BF * dec_norm_F).square().sort(dim=1, descending=True)
+        cum = s_sorted.cumsum(1).sqrt_()
+        cum[:, -1] = math.inf  # k never reaches M unless forced (as the reference)
+        t = target_B[:, None]
+        if rule == "nearest":
+            k = (cum - t).abs_().argmin(1) + 1  # first index on ties: the smaller k
+        elif rule == "first_exceeding":
+            k = (cum < t).sum(1) + 1  # cum is nondecreasing
+        else:
+            raise ValueError(f"unknown top-AFA selection rule {rule!r}")
+        n_pos = (acts_BF > 0).sum(1).clamp_min(1)
+        return torch.minimum(k, n_pos), order
+
+
+def ragged_top(acts_BF: Tensor, k_B: Tensor, order_BF: Tensor) -> tuple[SparseCode, Tensor]:
+    """The first ``k_b`` latents of ``order_BF`` in each row as a ragged code, plus each entry's
+    row. One host sync: the code's length ``Σ k_b`` is data-dependent."""
+    B = acts_BF.shape[0]
+    offsets = torch.zeros(B + 1, dtype=torch.long, device=acts_BF.device)
+    torch.cumsum(k_B, 0, out=offsets[1:])
+    n = int(offsets[-1])
+    rows = torch.arange(B, device=acts_BF.device).repeat_interleave(k_B, output_size=n)
+    pos = torch.arange(n, device=acts_BF.device) - offsets[rows]
+    idx = order_BF[rows, pos]
+    return SparseCode(idx, acts_BF[rows, idx], offsets), rows
+
+
+@register
+class TopAFASAE(SAE):
+    """top-AFA SAE: per-token k* from the AFA norm match, no k (METHODS §10)."""
+
+    architecture = "topafa"
+    saelens_architecture = None
+    defaults = {"apply_b_dec_to_input": True, "b_dec_init": "zeros"}
+    train_defaults = {"lr": topk_lr, "adam_beta1": 0.9}
+    # top-AFA has no k. λ_AFA is its one loss knob that moves L0 (the reference sweeps it over
+    # {1/128 … 1/16}, §10.3). The selection alone already makes ‖f‖ ≈ ‖x_c‖, so a dense code of
+    # small activations satisfies it; the AFA term is what pushes activations up (towards ‖x‖
+    # ≥ ‖x_c‖ with the uncentered target, or whenever the positives fall short of ‖x_c‖), and
+    # larger activations reach ‖x_c‖ after fewer latents. In short runs a larger λ_AFA gave a
+    # lower L0 (SmolLM2 layer 6, 80 steps: L0 288 at 1/32 vs 320 at 1/128; synthetic data,
+    # centered target: 52 vs 94). Levels run from high λ (low L0) to low λ (high L0).
+    sweep_param = "afa.afa_coefficient"
+    sweep_levels = (1 / 16, 1 / 32, 1 / 128)
+
+    def __init__(self, cfg, device=None, dtype=torch.float32):
+        super().__init__(cfg, device=device, dtype=dtype)
+        lam = self.cfg.afa.afa_coefficient
+        if not (math.isfinite(lam) and lam >= 0):
+            raise ConfigError(f"--afa-coefficient must be a finite number >= 0, got {lam}")
+        if self.cfg.afa.encoder_bias:
+            self.b_enc = nn.Parameter(torch.zeros(self.d_sae, device=device, dtype=dtype))
+
+    @property
+    def unit_norm_decoder(self) -> bool:
+        return True
+
+    @property
+    def k_aux(self) -> int:
+        return self.cfg.topk.aux_k or self.d_in // 2
+
+    @torch.no_grad()
+    def reset_parameters(self, generator: torch.Generator | None = None) -> None:
+        self.init_tied_(generator, row_norm=1.0)
+        self.W_enc.mul_(math.sqrt(2 * self.d_in / self.d_sae))  # Kaiming column scale (§10.4)
+        self.b_dec.zero_()
+        if self.cfg.afa.encoder_bias:
+            self.b_enc.zero_()
+
+    def pre_acts(self, x_BD: Tensor) -> Tensor:
+        pre = self._input_for_encoder(x_BD, self.W_enc)
+        return pre + self.b_enc if self.cfg.afa.encoder_bias else pre
+
+    def sparse_pre_acts(self, x_BD: Tensor) -> SparsePreActs:
+        """π without autograd plus a sparse backward for the entries later selected."""
+        return SparsePreActs(x_BD, self.W_enc, self.b_enc if self.cfg.afa.encoder_bias else None,
+                             self.b_dec if self.cfg.apply_b_dec_to_input else None)
+
+    def select(self, x_BD: Tensor, pre_BF: Tensor) -> tuple[SparseCode, Tensor]:
+        """(ragged top-AFA code, row of every entry). Values carry ``pre_BF``'s gradient, if any;
+        the choice of latents carries none."""
+        acts_BF = torch.relu(pre_BF)
+        target_B = (x_BD - self.b_dec).detach().norm(dim=1)
+        k_B, order = afa_k(acts_BF, self.decoder_norms().detach(), target_B,
+                           self.cfg.afa.selection)
+        return ragged_top(acts_BF, k_B, order)
+
+    def encode(self, x_BD: Tensor) -> Tensor:
+        code, _ = self.select(x_BD, self.pre_acts(x_BD))
+        return code.dense(x_BD.shape[0], self.d_sae)
+
+    def loss(self, x_BD: Tensor, step: int, *, dead_mask_F: Tensor | None = None,
+             **_: Tensor | None) -> LossOutput:
+        B = x_BD.shape[0]
+        # select on a detached π, then re-attach only the chosen entries (sparse backward)
+        pre = self.sparse_pre_acts(x_BD)
+        code, rows = self.select(x_BD, pre.dense)
+        code = attach_grad(pre, code)
+        recon_BD = code.decode(self.W_dec) + self.b_dec
+        nmse = normalized_mse(recon_BD, x_BD)
+        # ‖f_b‖ from the ragged code; the clamp keeps sqrt's gradient finite for empty rows
+        f_norm_B = torch.zeros(B, device=x_BD.device, dtype=code.vals.dtype).index_add_(
+            0, rows, code.vals.square()).clamp_min(1e-20).sqrt()
+        a = self.cfg.afa
+        target_B = (x_BD if a.afa_target == "uncentered" else x_BD - self.b_dec).detach().norm(dim=1)
+        var_per_dim = (x_BD - x_BD.mean(0)).pow(2).sum() / x_BD.numel()
+        afa = (f_norm_B - target_B).square().mean() / var_per_dim.clamp_min(1e-12)
+        aux = x_BD.new_zeros(())
+        if self.cfg.topk.aux_coefficient:
+            aux = auxk_loss(pre, x_BD - recon_BD, self.W_dec, dead_mask_F, self.k_aux,
+                            scale_by_dead=self.cfg.topk.aux_scale_by_dead)
+        total = nmse + a.afa_coefficient * afa + self.cfg.topk.aux_coefficient * aux
+        terms = {"nmse": nmse, "afa": afa, "auxk": aux}
+        return LossOutput(total, terms, None, recon_BD, fired_F=code.fired(self.d_sae),
+                          l0=code.l0(B))
+
+    def bias_names(self) -> tuple[str, ...]:
+        return ("b_dec", "b_enc") if self.cfg.afa.encoder_bias else ("b_dec",)
+
+
+# ---- AFA analysis (§10.1) -------------------------------------------------------------------------
+
+
+def coherence(W_dec_FD: Tensor) -> Tensor:
+    """ε of a dictionary: the largest ``|cos(d_i, d_j)|``, i ≠ j (builds the ``[F, F]`` Gram)."""
+    unit = W_dec_FD / W_dec_FD.norm(dim=1, keepdim=True).clamp_min(1e-12)
+    gram = unit @ unit.T
+    gram.fill_diagonal_(0)
+    return gram.abs().max()
+
+
+def afa_norm_bounds(norm_z: Tensor, eps: float | Tensor, h: int | Tensor) -> tuple[Tensor, Tensor]:
+    """Band for ``‖f‖`` given ``‖z‖`` (§10.1): ``‖z‖/sqrt(1 + ε(h−1)) ≤ ‖f‖ ≤ ‖z‖/sqrt(1 − ε(h−1))``.
+
+    The upper bound is +inf once ``ε(h − 1) ≥ 1``. ``h``: dictionary size, or the active count.
+    """
+    spread = torch.as_tensor(eps, dtype=norm_z.dtype) * (torch.as_tensor(h, dtype=norm_z.dtype) - 1)
+    lo = norm_z / (1 + spread).sqrt()
+    hi = torch.where(spread < 1, norm_z / (1 - spread).clamp_min(1e-30).sqrt(),
+                     torch.full_like(norm_z, math.inf))
+    return lo, hi
+
+
+def zf_norms(x_BD: Tensor, f_BF: Tensor, W_dec_FD: Tensor, b_dec_D: Tensor
+             ) -> tuple[Tensor, Tensor]:
+    """Data of the ZF plot (§10.1, [C]): per token ``(‖z‖, ‖f̃‖)``.
+
+    ``z`` is the raw, uncentred input; ``f̃ = [f_i‖d_i‖]_i ⊕ ‖b_dec‖`` treats ``b_dec`` as an
+    always-on feature with direction ``b_dec/‖b_dec‖``, so ``x̂ = Σ_j f̃_j u_j`` with unit ``u_j``.
+    Points with ``‖f̃‖`` above the AFA band over-activate, below it under-activate.
+    """
+    norm_z = x_BD.norm(dim=1)
+    f_sq = f_BF.square() @ W_dec_FD.square().sum(1)
+    return norm_z, (f_sq + b_dec_D.square().sum()).sqrt()
+
+
+def epsilon_lbo(norm_z: Tensor, norm_f_tilde: Tensor, h: int) -> Tensor:
+    """Per-token ε_LBO = ``|‖z‖² − ‖f̃‖²| / ((h − 1)‖f̃‖²)`` (§10.1, [C]): the smallest coherence
+    consistent with the observed norms; lower = better norm alignment. The authors' script uses
+    ``h = d_sae``; pass ``d_sae + 1`` to count ``b_dec`` as a feature."""
+    f_sq = norm_f_tilde.square()
+    return (norm_z.square() - f_sq).abs() / ((h - 1) * f_sq).clamp_min(1e-30)
+
+
+@torch.no_grad()
+def sae_zf_norms(sae: SAE, x_BD: Tensor) -> tuple[Tensor, Tensor]:
+    """:func:`zf_norms` of any SAE on raw activations ``x_BD`` (uses ``sae.encode``)."""
+    return zf_norms(x_BD, sae.encode(x_BD), sae.W_dec, sae.b_dec)

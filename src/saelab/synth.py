@@ -1,0 +1,203 @@
+"""`saelab synth`: train SAE families on synthetic data with a known dictionary and score how well
+each recovers it (saelab.data.synthetic, saelab.evals.recovery).
+
+Every family is trained the way `saelab train` trains it: its own defaults, the standard
+:class:`Trainer`, its default input normalisation estimated from a sample (here: rows from the
+generator's ``init`` stream) and folded into the weights by :func:`pipeline.export_sae` before
+evaluation. The only settings the benchmark imposes are ``topk.k`` (and JumpReLU's
+``target_l0``), set to the true mean L0 unless ``--k`` is given, and the ``--levels`` overrides
+of each family's sparsity knob. Families whose sparsity is set by a penalty (relu, gated, ...)
+keep their default coefficient, so their L0 can be far from the true one: the table prints
+every family's L0 beside its scores.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import sys
+import time
+import traceback
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from saelab.config import SAEConfig, SynthConfig, TrainConfig
+from saelab.data.synthetic import SyntheticData, SyntheticSample, key_seed
+from saelab.errors import ConfigError, RunFolderError
+from saelab.fsutil import atomic_write_json
+
+RESULT_FILE = "synth.json"
+#: rows used to estimate the input scale and initialise b_dec (the pipeline uses 32,768)
+INIT_ROWS = 16_384
+
+
+@dataclass
+class SynthResult:
+    path: Path
+    ground_truth: dict[str, float]
+    baseline: dict[str, float]
+    records: list[dict[str, Any]] = field(default_factory=list)
+
+    @property
+    def failed(self) -> list[str]:
+        return [r["arch"] for r in self.records if "error" in r]
+
+
+def set_dotted(cfg: Any, path: str, value: float) -> None:
+    """Set the (nested) dataclass field ``path`` (e.g. ``topk.k``), keeping integer fields int."""
+    *parents, name = path.split(".")
+    obj = cfg
+    for p in parents:
+        obj = getattr(obj, p)
+    if not dataclasses.is_dataclass(obj) or name not in {f.name for f in dataclasses.fields(obj)}:
+        raise ConfigError(f"no config field {path!r}")
+    current = getattr(obj, name)
+    if isinstance(current, int) and not isinstance(current, bool):
+        if value != int(value):
+            raise ConfigError(f"{path} takes an integer, got {value:g}")
+        value = int(value)
+    setattr(obj, name, value)
+
+
+def family_config(name: str, cfg: SynthConfig, k: int) -> SAEConfig:
+    """The SAE config the benchmark trains for family ``name``."""
+    from saelab.saes.registry import get_family
+
+    sae_cfg = SAEConfig(architecture=name, d_in=cfg.data.d, d_sae=cfg.d_sae)
+    sae_cfg.topk.k = k
+    sae_cfg.jumprelu.target_l0 = float(k)
+    level = cfg.level_overrides().get(name)
+    if level is not None:
+        set_dotted(sae_cfg, get_family(name).sweep_param, level)
+    sae_cfg.validate()
+    return sae_cfg
+
+
+def random_baseline(d_sae: int, data: SyntheticData, signed: bool) -> dict[str, float]:
+    """Recovery scores of a random Gaussian dictionary of the same width (the chance level)."""
+    from saelab.evals.recovery import dictionary_recovery
+
+    g = torch.Generator().manual_seed(key_seed("random-baseline", data.seed))
+    W = torch.randn(d_sae, data.d, generator=g)
+    return dictionary_recovery(W, data.directions_MD, signed=signed)
+
+
+def train_family(name: str, cfg: SynthConfig, data: SyntheticData, heldout: SyntheticSample,
+                 k: int, progress: bool = True) -> dict[str, Any]:
+    """Train one family on the synthetic stream and score it on the held-out set."""
+    from saelab.data.stream import norm_scale_of_rows
+    from saelab.evals.recovery import evaluate_recovery
+    from saelab.pipeline import export_sae
+    from saelab.runtime import resolve_device
+    from saelab.saes.registry import build_sae, get_family
+    from saelab.train.trainer import Trainer
+
+    cls = get_family(name)
+    device = resolve_device(cfg.device)
+    sae = build_sae(family_config(name, cfg, k), device=device,
+                    generator=torch.Generator().manual_seed(cfg.seed))
+    init_x = data.init_sample(INIT_ROWS)
+    scale = norm_scale_of_rows(init_x, sae.cfg.normalize_activations)
+    sae.init_from_data((init_x * scale).to(device))
+    tcfg = TrainConfig(tokens=cfg.tokens, batch_size=cfg.batch_size, lr=cfg.lr, seed=cfg.seed,
+                       checkpoint_every=0)
+    trainer = Trainer(sae, tcfg, run_dir=None, input_scale=scale, progress=progress)
+    t0 = time.perf_counter()
+    result = trainer.fit(data.batches(cfg.batch_size, with_grads=cls.uses_lm_grads))
+    seconds = time.perf_counter() - t0
+    final = export_sae(sae, scale)
+    # |cos| / |corr| when the truth is signed or the family's codes are (AbsTopK may carry a
+    # non-negative feature as -d_i with negative codes: the same recovery)
+    signed = data.opts.signed or bool((final.encode(heldout.x[:4096].to(device)) < 0).any())
+    metrics = evaluate_recovery(final, heldout.x, heldout.codes, data.directions_MD,
+                                signed=signed)
+    knob = cls.sweep_param
+    return {
+        "arch": name,
+        **metrics,
+        "abs_matching": signed,
+        "train_seconds": seconds,
+        "steps": result.steps,
+        "train_tokens_per_second": result.tokens_per_second,
+        "input_scale": scale,
+        "sparsity_param": knob,
+        "sparsity_value": _get_dotted(sae.cfg, knob),
+        "final_train_log": result.final,
+        "sae_config": asdict(sae.cfg),
+        "lr": trainer.base_lr,
+    }
+
+
+def _get_dotted(cfg: Any, path: str) -> Any:
+    obj = cfg
+    for p in path.split("."):
+        obj = getattr(obj, p, None)
+    return obj
+
+
+def run_synth(cfg: SynthConfig, progress: bool = True, log=None) -> SynthResult:
+    """Train and score every family of ``cfg.arch``; writes ``DIR/synth.json`` after each one.
+
+    A family that raises is recorded with its error and the others still run (the caller
+    decides the exit status from :attr:`SynthResult.failed`)."""
+    log = log or (lambda msg: print(msg, file=sys.stderr))
+    cfg.validate()
+    out = Path(cfg.out)
+    path = out / RESULT_FILE
+    if path.exists() and not cfg.overwrite:
+        raise RunFolderError(f"{path} exists: pass --overwrite to replace it or choose another --out")
+    out.mkdir(parents=True, exist_ok=True)
+    data = SyntheticData(cfg.data, seed=cfg.seed)
+    heldout = data.heldout(cfg.eval_tokens)
+    k = cfg.k or max(1, round(data.true_l0))
+    truth = {**data.describe(), "k": k}
+    res = SynthResult(path, truth, random_baseline(cfg.d_sae, data, cfg.data.signed))
+    names = cfg.arch_list()
+    for i, name in enumerate(names, 1):
+        log(f"[{i}/{len(names)}] {name}")
+        try:
+            rec = train_family(name, cfg, data, heldout, k, progress=progress)
+        except Exception as e:  # one broken family must not lose the others' results
+            log(f"{name} failed:\n{traceback.format_exc()}")
+            rec = {"arch": name, "error": f"{type(e).__name__}: {e}"}
+        res.records.append(rec)
+        atomic_write_json(path, _payload(cfg, res, complete=i == len(names)))
+    return res
+
+
+def _payload(cfg: SynthConfig, res: SynthResult, complete: bool) -> dict[str, Any]:
+    return {"config": asdict(cfg), "ground_truth": res.ground_truth,
+            "random_dictionary": res.baseline, "complete": complete, "results": res.records}
+
+
+COLUMNS = (  # key, header, format
+    ("l0", "L0", "{:.1f}"),
+    ("fvu", "FVU", "{:.4f}"),
+    ("dead_fraction", "dead", "{:.1%}"),
+    ("mean_best_cos", "best-cos", "{:.3f}"),
+    ("frac_recovered", "rec>0.9", "{:.1%}"),
+    ("mcc", "MCC", "{:.3f}"),
+    ("train_seconds", "train s", "{:.1f}"),
+)
+
+
+def synth_table(res: SynthResult) -> str:
+    """One row per family, plus the ground truth and the random-dictionary chance level."""
+    t = res.ground_truth
+    width = max([len(r["arch"]) for r in res.records] + [len("random dict")])
+    lines = [f"synthetic ground truth: true L0 {t['true_l0']:.2f} (k = {t['k']}), "
+             f"mean |cos| between true directions {t['mean_abs_cos']:.3f}",
+             f"{'family':<{width}}" + "".join(f"  {h:>9}" for _, h, _ in COLUMNS)]
+    for r in res.records:
+        if "error" in r:
+            lines.append(f"{r['arch']:<{width}}  FAILED: {r['error']}")
+            continue
+        lines.append(f"{r['arch']:<{width}}" + "".join(f"  {fmt.format(r[key]):>9}"
+                                                      for key, _, fmt in COLUMNS))
+    b = res.baseline
+    cells = {"mean_best_cos": b["mean_best_cos"], "frac_recovered": b["frac_recovered"]}
+    lines.append(f"{'random dict':<{width}}" + "".join(
+        f"  {fmt.format(cells[key]) if key in cells else '':>9}" for key, _, fmt in COLUMNS))
+    return "\n".join(lines)

@@ -1,0 +1,191 @@
+"""The sparse encoder backward of the TopK family (saes/sparse.py) gives autograd's exact
+gradients, and TopK-family training through it still learns (METHODS §4, §5, §0.6)."""
+
+import copy
+
+import pytest
+import torch
+
+from saelab.config import SAEConfig, TopKOptions, TrainConfig
+from saelab.saes.registry import architectures, build_sae
+from saelab.saes.sparse import (
+    SparseCode,
+    SparsePreActs,
+    attach_grad,
+    auxk_loss,
+    scatter_rows,
+    topk_encode,
+    topk_per_batch,
+    topk_per_token,
+)
+from saelab.saes.topk import TopKSAE
+from saelab.train.trainer import Trainer
+
+B, D, F, K = 64, 24, 96, 5
+f64 = torch.float64
+
+
+def _params(seed, *, x_grad=False):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(B, D, generator=g, dtype=f64).requires_grad_(x_grad)
+    W = torch.randn(D, F, generator=g, dtype=f64).requires_grad_()
+    b_enc = (0.3 * torch.randn(F, generator=g, dtype=f64)).requires_grad_()
+    b_dec = (0.3 * torch.randn(D, generator=g, dtype=f64)).requires_grad_()
+    W_dec = torch.randn(F, D, generator=g, dtype=f64).requires_grad_()
+    return x, W, b_enc, b_dec, W_dec
+
+
+def _grads(loss, tensors):
+    return torch.autograd.grad(loss, tensors)
+
+
+def _downstream(code, W_dec, x):
+    """A loss that weights every selected value differently (decode + FVU)."""
+    recon = code.decode(W_dec)
+    return ((recon - x.detach()) ** 2).sum() + (code.vals ** 3).sum()
+
+
+@pytest.mark.parametrize("signed", [False, True])
+@pytest.mark.parametrize("pre_bias", [True, False])
+def test_topk_encode_matches_dense_autograd(signed, pre_bias):
+    x, W, b_enc, b_dec, W_dec = _params(1, x_grad=True)
+    bd = b_dec if pre_bias else None
+    code, pre = topk_encode(x, W, b_enc, bd, K, signed=signed)
+    wrt = [x, W, b_enc, W_dec] + ([b_dec] if pre_bias else [])
+    sparse = _grads(_downstream(code, W_dec, x), wrt)
+
+    pi = ((x - b_dec) if pre_bias else x) @ W + b_enc
+    dense_code = topk_per_token(pi, K, signed=signed)
+    dense = _grads(_downstream(dense_code, W_dec, x), wrt)
+
+    torch.testing.assert_close(pre.dense, pi.detach())
+    assert torch.equal(code.idx, dense_code.idx)
+    torch.testing.assert_close(code.vals, dense_code.vals)
+    if signed:
+        assert (code.vals < 0).any()  # the test exercises negative (signed) codes
+    else:
+        assert (code.vals == 0).any() or (pi.topk(K).values > 0).all()
+    for a, b in zip(sparse, dense, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10)
+
+
+def test_ragged_codes_and_missing_biases_match_dense_autograd():
+    """Batch-level (ragged) selection, no b_enc, selection-zeroed entries stay zero."""
+    x, W, _, b_dec, W_dec = _params(2)
+    pre = SparsePreActs(x, W, None, b_dec)
+    code = topk_per_batch(torch.relu(pre.dense), K * B)
+    # zero some selected entries, as Feature Choice does for unmatched slots
+    drop = torch.arange(code.vals.numel()) % 7 == 0
+    code = code._replace(vals=torch.where(drop, 0.0, code.vals))
+    sparse_code = attach_grad(pre, code)
+    assert (sparse_code.vals[drop] == 0).all()
+    sparse = _grads(_downstream(sparse_code, W_dec, x), [W, b_dec, W_dec])
+
+    pi = (x - b_dec) @ W
+    rows = code.rows()
+    dense_code = code._replace(vals=torch.where(drop, 0.0, torch.relu(pi[rows, code.idx])))
+    dense = _grads(_downstream(dense_code, W_dec, x), [W, b_dec, W_dec])
+    for a, b in zip(sparse, dense, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10)
+
+
+@pytest.mark.parametrize("signed", [False, True])
+def test_auxk_sparse_path_matches_dense(signed):
+    x, W, b_enc, b_dec, W_dec = _params(3)
+    dead = torch.zeros(F, dtype=torch.bool)
+    dead[::3] = True
+    resid = torch.randn(B, D, dtype=f64)
+    wrt = [W, b_enc, b_dec, W_dec]
+    weight = torch.rand(F, dtype=f64) + 0.5
+    sparse = auxk_loss(SparsePreActs(x, W, b_enc, b_dec), resid, W_dec, dead, 7, signed=signed,
+                       scale_by_dead=True, weight_F=weight)
+    dense = auxk_loss((x - b_dec) @ W + b_enc, resid, W_dec, dead, 7, signed=signed,
+                      scale_by_dead=True, weight_F=weight)
+    torch.testing.assert_close(sparse, dense)
+    g_s, g_d = _grads(sparse, wrt), _grads(dense, wrt)
+    for a, b in zip(g_s, g_d, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10)
+    # only dead latents' encoder columns get gradient
+    assert (g_s[0][:, ~dead] == 0).all() and (g_s[0][:, dead] != 0).any()
+
+
+def test_scatter_rows_is_the_embedding_bag_weight_gradient():
+    g = torch.Generator().manual_seed(4)
+    rows = torch.randn(B, D, generator=g, dtype=f64)
+    code = topk_per_token(torch.randn(B, F, generator=g, dtype=f64), K)
+    w = torch.randn(B, K, generator=g, dtype=f64)
+    ref = torch.zeros(F, D, dtype=f64).index_add_(0, code.idx.flatten(),
+                                                  (w[:, :, None] * rows[:, None]).reshape(-1, D))
+    torch.testing.assert_close(scatter_rows(code.idx, None, w, rows, F), ref)
+    ragged = topk_per_batch(torch.rand(B, F, generator=g, dtype=f64), K * B)
+    wr = torch.randn(ragged.idx.numel(), generator=g, dtype=f64)
+    ref_r = torch.zeros(F, D, dtype=f64).index_add_(0, ragged.idx, wr[:, None] * rows[ragged.rows()])
+    torch.testing.assert_close(scatter_rows(ragged.idx, ragged.offsets, wr, rows, F), ref_r)
+
+
+def test_fired_counts_only_nonzero_codes():
+    idx = torch.tensor([[0, 1], [1, 2]])
+    vals = torch.tensor([[0.0, 1.0], [0.0, 2.0]])
+    fired = SparseCode(idx, vals).fired(4)
+    assert fired.tolist() == [False, True, True, False]
+
+
+def _sparse_families():
+    return sorted(name for name, cls in architectures(trainable_only=True).items()
+                  if issubclass(cls, TopKSAE) and cls.loss is TopKSAE.loss
+                  and cls.sparse_encoder_grad)
+
+
+@pytest.mark.parametrize("arch", _sparse_families())
+def test_family_loss_gradients_equal_dense_path(arch):
+    """Every family that trains through TopKSAE.loss gets the dense path's exact gradients,
+    AuxK (dead latents) and Multi-TopK included."""
+    cfg = SAEConfig(architecture=arch, d_in=D, d_sae=F,
+                    topk=TopKOptions(k=K, aux_k=6, multi_topk=True))
+    sae = build_sae(cfg, dtype=f64, generator=torch.Generator().manual_seed(5))
+    sae.total_steps = 100
+    with torch.no_grad():
+        sae.b_enc.copy_(0.2 * torch.randn(F, dtype=f64))
+        sae.b_dec.copy_(0.2 * torch.randn(D, dtype=f64))
+    x = torch.randn(B, D, dtype=f64)
+    dead = torch.zeros(F, dtype=torch.bool)
+    dead[1::4] = True
+
+    def run(model, sparse):
+        model.sparse_encoder_grad = sparse
+        out = model.loss(x, 50, dead_mask_F=dead)
+        names = [n for n, p in model.named_parameters() if p.requires_grad]
+        grads = torch.autograd.grad(out.total, [p for p in model.parameters() if p.requires_grad],
+                                    allow_unused=True)
+        return out, dict(zip(names, grads, strict=True))
+
+    out_s, g_s = run(copy.deepcopy(sae), True)
+    out_d, g_d = run(copy.deepcopy(sae), False)
+    torch.testing.assert_close(out_s.total, out_d.total)
+    assert out_s.terms["auxk"] > 0
+    assert torch.equal(out_s.fired_F, out_d.fired_F)
+    for name in g_d:
+        if g_d[name] is None:
+            assert g_s[name] is None or (g_s[name] == 0).all(), name
+        else:
+            torch.testing.assert_close(g_s[name], g_d[name], rtol=1e-9, atol=1e-10, msg=name)
+
+
+@pytest.mark.parametrize("arch", ["topk", "abstopk"])
+def test_topk_training_reduces_fvu(arch):
+    g = torch.Generator().manual_seed(6)
+    dirs = torch.randn(32, D, generator=g)
+    codes = torch.rand(2048, 32, generator=g) * (torch.rand(2048, 32, generator=g) < 0.1)
+    data = codes @ dirs + 0.01 * torch.randn(2048, D, generator=g)
+    sae = build_sae(SAEConfig(architecture=arch, d_in=D, d_sae=64, topk=TopKOptions(k=4)),
+                    generator=g)
+    sae.init_from_data(data)
+    x0 = data[:512]
+    with torch.no_grad():
+        fvu0 = sae.loss(x0, 0).terms["nmse"].item()
+    tr = Trainer(sae, TrainConfig(tokens=256 * 150, batch_size=256, log_every=10**9,
+                                  checkpoint_every=0, lr=3e-3), progress=False)
+    tr.fit(data[(i * 256) % 1792:][:256] for i in range(150))
+    with torch.no_grad():
+        fvu1 = sae.loss(x0, 0).terms["nmse"].item()
+    assert fvu1 < 0.5 * fvu0

@@ -1,0 +1,248 @@
+"""`saelab sweep` on the tiny random LM: grid, outputs, shared evaluation, resume, refusals."""
+
+from __future__ import annotations
+
+import csv
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+import saelab.sweep as sweep_mod
+from saelab.cli import main
+from saelab.config import DataConfig, EvalConfig, HarvestConfig, ModelConfig, SAEConfig
+from saelab.sweep import csv_columns
+from saelab.train.trainer import Trainer
+
+HOOK = "blocks.1.hook_resid_post"
+PNGS = ("pareto_fvu.png", "pareto_ce.png", "pareto_delta_lm.png")
+GRID = ("--arch", "topk,relu", "--levels", "topk=4,8", "--levels", "relu=5,1")
+RUNS = ("topk-k-4", "topk-k-8", "relu-l1_coefficient-5", "relu-l1_coefficient-1")
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Tiny matmuls gain nothing from threads, and on a busy 2-core machine two spinning
+    OpenMP threads make each one ~100x slower."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture(autouse=True)
+def isolated_cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("SAELAB_CACHE", str(tmp_path / "cache"))
+
+
+def _model_cfg(tiny) -> ModelConfig:
+    return ModelConfig(model=str(tiny[0]), hook=HOOK, device="cpu", model_dtype="float32")
+
+
+@pytest.fixture(scope="module")
+def store(tiny, tmp_path_factory) -> Path:
+    from saelab.harvest import harvest
+
+    path = tmp_path_factory.mktemp("store") / "s"
+    harvest(HarvestConfig(model=_model_cfg(tiny), data=DataConfig(dataset=str(tiny[1]),
+                                                                   context_size=16),
+                          store=str(path), tokens=1024), progress=False)
+    return path
+
+
+def sweep_args(tiny, store: Path, out: Path, *extra: str) -> list[str]:
+    lm, corpus = tiny
+    return ["sweep", "--model", str(lm), "--dataset", str(corpus), "--hook", HOOK,
+            "--device", "cpu", "--model-dtype", "float32", "--context-size", "16",
+            "--d-sae", "32", "--tokens", "768", "--batch-size", "128", "--eval-tokens", "300",
+            "--ce-windows", "4", "--checkpoint-every", "2", "--log-every", "1",
+            "--store", str(store), "--quiet", "--out", str(out), *extra]
+
+
+@pytest.fixture(scope="module")
+def finished(tiny, store, tmp_path_factory) -> tuple[Path, str]:
+    """A finished 2 families x 2 levels sweep and what it printed."""
+    out = tmp_path_factory.mktemp("sweep") / "grid"
+    import contextlib
+    import io
+
+    buf = io.StringIO()
+    with contextlib.redirect_stdout(buf):
+        assert main(sweep_args(tiny, store, out, *GRID)) == 0
+    return out, buf.getvalue()
+
+
+def _files(run_dir: Path) -> dict[str, tuple[int, bytes]]:
+    return {str(p.relative_to(run_dir)): (p.stat().st_mtime_ns, p.read_bytes())
+            for p in sorted(run_dir.rglob("*")) if p.is_file()}
+
+
+def test_grid_writes_runs_csv_json_plots_and_table(finished):
+    out, printed = finished
+    rows = list(csv.DictReader((out / "sweep.csv").open()))
+    assert list(rows[0]) == csv_columns()
+    # --levels replaced the families' default levels (topk 16,32,64; relu 10,5,2.5)
+    assert [r["run"] for r in rows] == [f"runs/{n}" for n in RUNS]
+    for r in rows:
+        for col in csv_columns():
+            assert r[col] != "", (r["run"], col)  # every metric measured, CE included
+    data = json.loads((out / "sweep.json").read_text())
+    assert [r["run"] for r in data["runs"]] == [r["run"] for r in rows] and not data["pending"]
+    for name in PNGS:
+        assert (out / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    for name in RUNS:
+        run_cfg = json.loads((out / "runs" / name / "run_config.json").read_text())
+        assert run_cfg["train"]["tokens"] == 768 and run_cfg["sae"]["d_sae"] == 32
+        assert (out / "runs" / name / "sae" / "cfg.json").exists()
+    by_run = {r["run"]: r for r in data["runs"]}
+    assert by_run["runs/topk-k-4"]["metrics"]["l0"] <= 4 + 1e-9  # TopK: at most k per token
+    assert by_run["runs/topk-k-8"]["metrics"]["l0"] <= 8 + 1e-9
+    assert by_run["runs/relu-l1_coefficient-5"]["level"] == 5.0
+    assert "run 4/4: relu l1_coefficient=1" in printed and "CE rec" in printed
+    assert printed.count("\nrelu l1_coefficient=") == 2  # the final table has every run
+
+
+def test_sweep_metrics_equal_a_fresh_single_run_evaluate(tiny, finished):
+    """The sweep's shared baseline gives exactly what evaluate() gives for one saved SAE."""
+    import saelab
+    from saelab.evals.evaluate import evaluate
+    from saelab.models.hooks import parse_hook
+    from saelab.models.loading import load_model
+
+    out, _ = finished
+    lm = load_model(_model_cfg(tiny))
+    hook = parse_hook(HOOK, lm.n_layers)
+    data = DataConfig(dataset=str(tiny[1]), context_size=16)
+    for name in ("topk-k-8", "relu-l1_coefficient-1"):
+        saved = json.loads((out / "runs" / name / "metrics.json").read_text())
+        res = evaluate(saelab.load_sae(out / "runs" / name), lm, hook, data,
+                       EvalConfig(eval_tokens=300, ce_windows=4), progress=False)
+        for key, value in res.metrics.items():
+            assert saved[key] == value, (name, key)
+
+
+def test_shared_baseline_equals_per_run_evaluate_and_saves_forwards(tiny):
+    from saelab.evals.evaluate import EvalBaseline, evaluate
+    from saelab.models.hooks import parse_hook
+    from saelab.models.loading import load_model
+    from saelab.saes.registry import build_sae
+
+    lm = load_model(_model_cfg(tiny))
+    hook = parse_hook(HOOK, lm.n_layers)
+    data, ecfg = DataConfig(dataset=str(tiny[1]), context_size=16), EvalConfig(300, 12)
+    saes = [build_sae(SAEConfig(architecture=a, d_in=lm.d_model, d_sae=48),
+                      generator=torch.Generator().manual_seed(i))
+            for i, a in enumerate(("topk", "relu"))]
+    calls = []
+    handle = lm.model.register_forward_pre_hook(lambda *_: calls.append(1))
+    try:
+        shared = EvalBaseline.build(lm, hook, data, ecfg, progress=False)
+        # a second baseline that can cache the clean log-probs of one CE batch only
+        one_batch = shared.lm.batches[0].logp_clean.numel() * 4
+        partial = EvalBaseline.build(lm, hook, data, ecfg, progress=False,
+                                     max_logprob_bytes=one_batch)
+        assert [b.logp_clean is not None for b in partial.lm.batches] == [True, False]
+        for sae in saes:
+            fresh = evaluate(sae, lm, hook, data, ecfg, progress=False)
+            n0 = len(calls)
+            reused = evaluate(sae, lm, hook, data, ecfg, progress=False, baseline=shared)
+            n_shared = len(calls) - n0
+            again = evaluate(sae, lm, hook, data, ecfg, progress=False, baseline=partial)
+            assert reused.metrics == fresh.metrics == again.metrics
+            assert torch.equal(reused.density_F, fresh.density_F)
+            # one spliced forward per CE batch (2 batches of 8 windows) instead of four
+            assert n_shared == 2
+    finally:
+        handle.remove()
+    with pytest.raises(ValueError, match="another hook, data or eval"):
+        evaluate(saes[0], lm, hook, data, EvalConfig(300, 4), progress=False, baseline=shared)
+
+
+def test_interrupted_sweep_resumes_without_retraining(tiny, store, tmp_path, monkeypatch,
+                                                      capsys):
+    out = tmp_path / "sweep"
+    args = sweep_args(tiny, store, out, "--arch", "topk", "--levels", "topk=4,8")
+    real_step = Trainer._train_step
+    seen: list[str] = []
+
+    def interrupt_second_run_at_step_3(self, x, *rest):
+        if self.run_dir not in seen:
+            seen.append(self.run_dir)
+        if len(seen) == 2 and self.step == 3:  # after its checkpoint at step 2
+            raise KeyboardInterrupt
+        return real_step(self, x, *rest)
+
+    monkeypatch.setattr(Trainer, "_train_step", interrupt_second_run_at_step_3)
+    assert main(args) == 130
+    assert "rerun the same command to continue" in capsys.readouterr().err
+    first = out / "runs" / "topk-k-4"
+    assert (first / "metrics.json").exists()
+    assert not (out / "runs" / "topk-k-8" / "metrics.json").exists()
+    assert len(list(csv.DictReader((out / "sweep.csv").open()))) == 1  # written after run 1
+    before = _files(first)
+
+    monkeypatch.setattr(Trainer, "_train_step", real_step)
+    trained: list[str] = []
+    real_train_one = sweep_mod._train_one
+    monkeypatch.setattr(sweep_mod, "_train_one",
+                        lambda run, *a, **k: trained.append(run.name) or real_train_one(run, *a,
+                                                                                        **k))
+    assert main(args) == 0
+    printed = capsys.readouterr().out
+    assert trained == ["topk-k-8"]  # the finished run is read back, not retrained
+    assert "run 1/2: topk k=4: finished earlier" in printed
+    assert "run 2/2: topk k=8 (resuming from its checkpoint)" in printed
+    assert _files(first) == before  # untouched: same bytes and modification times
+    rows = list(csv.DictReader((out / "sweep.csv").open()))
+    assert [r["run"] for r in rows] == ["runs/topk-k-4", "runs/topk-k-8"]
+    steps = [json.loads(ln)["step"] for ln in
+             (out / "runs" / "topk-k-8" / "metrics.jsonl").read_text().splitlines()]
+    assert steps == list(range(1, 7))  # resumed at step 2: no step logged twice or skipped
+
+
+def test_other_settings_refused_new_levels_added(tiny, store, finished, tmp_path, capsys,
+                                                 monkeypatch):
+    out = tmp_path / "grid"
+    shutil.copytree(finished[0], out)
+    before = (out / "sweep.json").read_bytes()
+    assert main(sweep_args(tiny, store, out, *GRID, "--seed", "1")) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "other settings" in err and "--overwrite" in err
+    assert "train.seed" in err and (out / "sweep.json").read_bytes() == before
+
+    # the same settings with one more level: only the new run is trained
+    trained: list[str] = []
+    monkeypatch.setattr(sweep_mod, "_train_one",
+                        lambda run, *a, **k: trained.append(run.name) or {"l0": 1.0})
+    assert main(sweep_args(tiny, store, out, "--arch", "topk", "--levels", "topk=4,8,2")) == 0
+    assert trained == ["topk-k-2"]
+
+
+def test_folder_without_a_sweep_is_never_clobbered(tiny, store, tmp_path, capsys):
+    out = tmp_path / "precious"
+    out.mkdir()
+    (out / "notes.txt").write_text("keep me")
+    assert main(sweep_args(tiny, store, out, *GRID, "--overwrite")) == 2
+    assert "holds no saelab sweep" in capsys.readouterr().err
+    assert (out / "notes.txt").read_text() == "keep me"
+
+
+@pytest.mark.parametrize("flags,message", [
+    (["--levels", "topk=a,b"], "not FAMILY=NUMBER"),
+    (["--levels", "topk"], "not FAMILY=NUMBER"),
+    (["--levels", "topk=4.5"], "whole numbers"),
+    (["--levels", "gated=2"], "not in --arch"),
+    (["--arch", "nope"], "unknown or untrainable architecture 'nope'"),
+    (["--levels", "topk=64"], "cannot exceed --d-sae"),
+    (["--levels", "topk=4,4"], "repeats a value"),
+    (["--arch", "gsae", "--levels", "gsae=4"], "has none"),  # store without LM-loss gradients
+])
+def test_bad_grid_is_one_line_and_writes_nothing(tiny, store, tmp_path, capsys, flags, message):
+    out = tmp_path / "bad"
+    arch = [] if "--arch" in flags else ["--arch", "topk"]
+    assert main(sweep_args(tiny, store, out, *arch, *flags)) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error:") and err.count("\n") == 0 and message in err, err
+    assert not out.exists()
