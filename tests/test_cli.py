@@ -114,7 +114,7 @@ def test_eval_verb_rewrites_metrics(tiny, tmp_path, capsys):
     (["--l1-coefficient", "-1"], "--l1-coefficient"),
     (["--d-sae", "0"], "width"),
     (["--arch", "nope"], "unknown architecture 'nope'"),
-    (["--arch", "jumprelu"], "cannot be trained"),
+    (["--arch", "jumprelu", "--jumprelu-bandwidth", "0"], "--jumprelu-bandwidth"),
     (["--model", "no-such-org/no-such-model-xyz"], "cannot load model"),
 ])
 def test_bad_input_is_one_line_and_writes_nothing(tiny, tmp_path, capsys, flags, message):

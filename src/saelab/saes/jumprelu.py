@@ -35,7 +35,8 @@ whether the paper imposes it), Kaiming-uniform tied init with θ = 0.001 (§3.4)
 
 Deviations, for our ~100–500-step budgets: LR 1e-3 instead of the [U] 7e-5 (which assumes ~10⁵
 steps; Adam moves each parameter by about one LR per step and θ has to travel from 0.001 to a few
-hundredths), and λ warm-up over the trainer's ``l1_warmup_fraction`` instead of 10k steps.
+hundredths), λ warm-up over the trainer's ``l1_warmup_fraction`` instead of 10k steps, and
+``b_dec`` from the library's data-based ``b_dec_init`` (geometric median) instead of 0 (§3.4).
 
 θ is learned directly (as ``dictionary_learning`` does), not as ``log θ`` (as the authors'
 code and SAELens do). Two reasons: (1) the saved tensor is ``threshold`` in SAELens' ``jumprelu``

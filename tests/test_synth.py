@@ -1,0 +1,198 @@
+"""Synthetic ground truth (saelab.data.synthetic) and `saelab synth`: generator properties, the
+command's outputs, and that every trainable family learns the known dictionary."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+
+from saelab.cli import main
+from saelab.config import SynthConfig, SyntheticDataOptions
+from saelab.data.synthetic import SyntheticData, key_seed, zipf_probabilities
+from saelab.errors import ConfigError
+from saelab.saes.registry import architectures
+from saelab.synth import random_baseline, train_family
+
+OPTS = SyntheticDataOptions(d=16, n_features=48, mean_active=3.0, offset_norm=0.5)
+
+
+def binomial_tolerance(p: torch.Tensor, n: int, sigmas: float = 5.0) -> torch.Tensor:
+    return sigmas * (p * (1 - p) / n).sqrt() + 1e-4
+
+
+# ---- generator -------------------------------------------------------------------------------
+def test_directions_are_unit_and_fixed_by_the_seed():
+    a, b, c = SyntheticData(OPTS, seed=1), SyntheticData(OPTS, seed=1), SyntheticData(OPTS, 2)
+    torch.testing.assert_close(a.directions_MD.norm(dim=1), torch.ones(48))
+    assert torch.equal(a.directions_MD, b.directions_MD)
+    assert not torch.equal(a.directions_MD, c.directions_MD)
+    assert a.offset_D.norm().item() == pytest.approx(0.5, rel=1e-5)
+
+
+def test_firing_probabilities_follow_the_zipf_profile():
+    s, cap = 0.8, 0.3
+    opts = SyntheticDataOptions(d=16, n_features=64, mean_active=4.0, frequency_exponent=s,
+                                max_firing_prob=cap)
+    data = SyntheticData(opts, seed=0)
+    p = data.firing_prob_M.double()
+    assert p.sum().item() == pytest.approx(4.0, rel=1e-6)
+    capped = p >= cap - 1e-7
+    assert capped[0] and not capped.all() and p.max() <= cap + 1e-7  # the cap is exercised
+    # uncapped features: p_i * (i+1)^s is one constant
+    ranks = torch.arange(64, dtype=torch.float64) + 1
+    scaled = (p * ranks.pow(s))[~capped]
+    torch.testing.assert_close(scaled, scaled.mean().expand_as(scaled), rtol=1e-5, atol=0)
+    # empirical firing frequencies match p (binomial tolerance) and the log-log slope is -s
+    n = 40_000
+    freq = (data.sample(n, "test").codes != 0).double().mean(0)
+    assert ((freq - p).abs() <= binomial_tolerance(p, n)).all()
+    slope = torch.linalg.lstsq(torch.stack([ranks.log(), torch.ones(64, dtype=torch.float64)], 1)
+                               [~capped], freq[~capped].log()[:, None]).solution[0, 0]
+    assert slope.item() == pytest.approx(-s, abs=0.08)
+    l0 = (data.sample(n, "test").codes != 0).sum(1).double().mean().item()
+    assert l0 == pytest.approx(data.true_l0, abs=0.05)
+
+
+def test_zipf_probabilities_reject_an_impossible_mean():
+    with pytest.raises(ValueError):
+        zipf_probabilities(10, 6.0, 1.0, cap=0.5)
+    with pytest.raises(ConfigError, match="mean-active"):
+        SyntheticData(SyntheticDataOptions(n_features=10, mean_active=6.0))
+
+
+def test_batch_i_is_a_pure_function_of_seed_and_index():
+    data = SyntheticData(OPTS, seed=3)
+    b5 = data.batch(5, 64).x
+    assert torch.equal(b5, SyntheticData(OPTS, seed=3).batch(5, 64).x)
+    it = data.batches(64, start=5)
+    assert torch.equal(next(it), b5)  # a stream started at 5 (a resumed trainer) sees batch 5
+    assert torch.equal(next(it), data.batch(6, 64).x)
+    assert not torch.equal(data.batch(6, 64).x, b5)
+    assert not torch.equal(SyntheticData(OPTS, seed=4).batch(5, 64).x, b5)
+
+
+def test_heldout_comes_from_its_own_seed_stream():
+    data = SyntheticData(OPTS, seed=0)
+    held = data.heldout(512)
+    train = torch.cat([data.batch(i, 512).x for i in range(4)])
+    assert torch.cdist(held.x, train).min() > 1e-4  # no training row reappears
+    assert torch.equal(held.codes, SyntheticData(OPTS, seed=0).heldout(512).codes)
+    held_seed = key_seed("sample", 0, "heldout")
+    train_seeds = {key_seed("sample", 0, "train", 512, i) for i in range(10_000)}
+    assert held_seed not in train_seeds and key_seed("sample", 0, "init") not in train_seeds
+
+
+def test_x_is_codes_times_dictionary_plus_offset_plus_noise():
+    data = SyntheticData(OPTS, seed=0)
+    s = data.sample(1000, "t")
+    torch.testing.assert_close(s.x, s.codes @ data.directions_MD + data.offset_D)
+    noisy = SyntheticData(SyntheticDataOptions(**{**vars(OPTS), "noise_std": 0.1}), seed=0)
+    s = noisy.sample(4000, "t")
+    resid = s.x - s.codes @ noisy.directions_MD - noisy.offset_D
+    assert resid.std().item() == pytest.approx(0.1, rel=0.05)
+
+
+@pytest.mark.parametrize("signed", [False, True])
+def test_signed_option_gives_negative_codes(signed):
+    data = SyntheticData(SyntheticDataOptions(**{**vars(OPTS), "signed": signed}), seed=0)
+    codes = data.sample(4000, "t").codes
+    active = codes[codes != 0]
+    assert ((active.abs() >= 0.5) & (active.abs() <= 1.5)).all()  # U(0.5, 1.5) magnitudes
+    neg = (active < 0).double().mean().item()
+    if signed:
+        assert neg == pytest.approx(0.5, abs=0.03)
+    else:
+        assert neg == 0.0
+
+
+def test_coherence_sets_the_mean_pairwise_cosine():
+    for c in (0.0, 0.3):
+        dirs = SyntheticData(SyntheticDataOptions(d=64, n_features=200, coherence=c), 0).directions_MD
+        cos = dirs @ dirs.T
+        mean_off = (cos.sum() - cos.diagonal().sum()) / (200 * 199)
+        assert mean_off.item() == pytest.approx(c, abs=0.03)
+
+
+def test_groups_co_fire_and_keep_their_marginals():
+    opts = SyntheticDataOptions(d=16, n_features=48, mean_active=4.0, group_size=4,
+                                group_correlation=0.8)
+    data = SyntheticData(opts, seed=0)
+    n = 20_000
+    active = (data.sample(n, "t").codes != 0).double()
+    corr = torch.corrcoef(active.T)
+    assert corr[8, 9] > 0.2 and corr[8, 10] > 0.2  # same group (features 8-11)
+    assert abs(corr[8, 12]) < 0.05 and abs(corr[9, 20]) < 0.05  # different groups
+    p = data.firing_prob_M.double()
+    assert ((active.mean(0) - p).abs() <= binomial_tolerance(p, n)).all()
+
+
+def test_readout_gradient_is_the_gradient_of_the_readout_loss():
+    data = SyntheticData(OPTS, seed=0)
+    x = data.batch(0, 32).x.requires_grad_()
+    data.readout_loss(x).sum().backward()
+    torch.testing.assert_close(data.readout_grad(x.detach()), x.grad)
+    x2, g2 = next(data.batches(32, with_grads=True))
+    assert torch.equal(x2, x.detach()) and torch.equal(g2, data.readout_grad(x2))
+    # importances differ across features: some matter far more than others
+    assert data.importance_M.max() / data.importance_M.min() > 10
+
+
+# ---- the command -------------------------------------------------------------------------------
+SMALL = ["--d", "16", "--n-features", "32", "--mean-active", "2", "--d-sae", "64",
+         "--tokens", "12800", "--batch-size", "256", "--eval-tokens", "2048", "--quiet"]
+
+
+def test_command_writes_synth_json_and_a_table(tmp_path, capsys):
+    out = tmp_path / "synth"
+    args = ["synth", "--arch", "topk,relu", "--out", str(out), "--levels", "relu=2", *SMALL]
+    assert main(args) == 0
+    printed = capsys.readouterr().out
+    rows = {ln.split()[0] for ln in printed.splitlines() if ln.strip()}
+    assert {"topk", "relu", "random"} <= rows and "MCC" in printed
+    payload = json.loads((out / "synth.json").read_text())
+    assert payload["complete"] and payload["config"]["data"]["d"] == 16
+    assert payload["ground_truth"]["true_l0"] == pytest.approx(2.0)
+    recs = {r["arch"]: r for r in payload["results"]}
+    assert list(recs) == ["topk", "relu"]
+    for r in recs.values():
+        for key in ("mean_best_cos", "frac_recovered", "mcc", "fvu", "l0", "dead_fraction",
+                    "train_seconds"):
+            assert isinstance(r[key], float) and math.isfinite(r[key]), key
+    assert recs["topk"]["sae_config"]["topk"]["k"] == 2  # k defaults to the true mean L0
+    assert recs["relu"]["sparsity_param"] == "l1_coefficient"
+    assert recs["relu"]["sparsity_value"] == 2.0 == recs["relu"]["sae_config"]["l1_coefficient"]
+    assert main(args) == 2  # an existing synth.json needs --overwrite
+    assert "--overwrite" in capsys.readouterr().err
+    assert main([*args, "--overwrite", "--arch", "topk"]) == 0
+
+
+@pytest.mark.parametrize("bad", [["--arch", "nope"], ["--levels", "relu"],
+                                 ["--levels", "nope=1"], ["--mean-active", "40"]])
+def test_command_rejects_bad_input(tmp_path, capsys, bad):
+    assert main(["synth", "--out", str(tmp_path / "s"), *SMALL, *bad]) == 2
+    assert capsys.readouterr().err.startswith("error:")
+    assert not (tmp_path / "s" / "synth.json").exists()
+
+
+# ---- every family learns ------------------------------------------------------------------------
+LEARN = SynthConfig(data=SyntheticDataOptions(d=16, n_features=32, mean_active=2.0),
+                    d_sae=64, tokens=256 * 400, batch_size=256, eval_tokens=4096, out="unused")
+
+
+@pytest.fixture(scope="module")
+def learn_data():
+    data = SyntheticData(LEARN.data, seed=LEARN.seed)
+    return data, data.heldout(LEARN.eval_tokens)
+
+
+@pytest.mark.parametrize("arch", sorted(architectures(trainable_only=True)))
+def test_every_family_learns_the_ground_truth(arch, learn_data):
+    data, held = learn_data
+    rec = train_family(arch, LEARN, data, held, k=2, progress=False)
+    chance = random_baseline(LEARN.d_sae, data, signed=rec["abs_matching"])["mean_best_cos"]
+    # closes at least half the gap between a random dictionary and perfect recovery
+    assert rec["mean_best_cos"] > chance + 0.5 * (1 - chance), rec
+    assert rec["fvu"] < 0.5, rec
