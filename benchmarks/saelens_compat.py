@@ -94,6 +94,14 @@ def cmd_make(out: Path, tiny: bool) -> int:
         ("gated", "paper", True),
         ("jumprelu", None, False),
         ("jumprelu", None, True),
+        # TopK-family folders SAELens opens: topk as `topk`; the batch-selected families (and
+        # g-SAE's grad-free inference) through their thresholded/TopK inference functions.
+        ("topk", None, True),
+        ("gsae", None, True),
+        ("batchtopk", None, True),
+        ("mutual_choice", None, True),
+        ("feature_choice", None, True),
+        ("matryoshka", None, True),
     ]
     for i, (arch, variant, b_dec_in) in enumerate(cases):
         if arch not in architectures():
@@ -107,7 +115,9 @@ def cmd_make(out: Path, tiny: bool) -> int:
             apply_b_dec_to_input=b_dec_in,
         )
         sae = build_sae(cfg, generator=torch.Generator().manual_seed(i))
-        _randomise(dict(sae.named_parameters()), d_in, seed=100 + i, x=x)
+        # thresholds of the batch-selected families are buffers, not parameters
+        _randomise({**dict(sae.named_parameters()), **dict(sae.named_buffers())}, d_in,
+                   seed=100 + i, x=x)
         folder = out / f"saelab_{arch}_{variant or 'default'}_bdec{int(b_dec_in)}"
         _save_with_outputs(sae, folder, x, save_sae)
         if arch == "gated":  # the exact gated → JumpReLU conversion must survive SAELens too
@@ -180,6 +190,8 @@ def cmd_saelens_save(out: Path, tiny: bool) -> int:
         JumpReLUSAEConfig,
         StandardSAE,
         StandardSAEConfig,
+        TopKSAE,
+        TopKSAEConfig,
     )
     from sae_lens.saes.sae import SAEMetadata
     from safetensors.torch import save_file
@@ -190,6 +202,7 @@ def cmd_saelens_save(out: Path, tiny: bool) -> int:
         (StandardSAE, StandardSAEConfig, True),
         (GatedSAE, GatedSAEConfig, True),
         (JumpReLUSAE, JumpReLUSAEConfig, False),
+        (TopKSAE, TopKSAEConfig, True),
     ]
     for i, (sae_cls, cfg_cls, b_dec_in) in enumerate(cases):
         meta = SAEMetadata(
@@ -200,7 +213,9 @@ def cmd_saelens_save(out: Path, tiny: bool) -> int:
             context_size=16,
             dataset_path="random",
         )
-        cfg = cfg_cls(d_in=d_in, d_sae=d_sae, apply_b_dec_to_input=b_dec_in, metadata=meta)
+        extra = {"k": max(1, d_sae // 4)} if cfg_cls is TopKSAEConfig else {}
+        cfg = cfg_cls(d_in=d_in, d_sae=d_sae, apply_b_dec_to_input=b_dec_in, metadata=meta,
+                      **extra)
         sae = sae_cls(cfg)
         _randomise(dict(sae.named_parameters()), d_in, seed=200 + i, x=x)
         folder = out / f"saelens_{cfg.architecture()}"

@@ -109,7 +109,8 @@ def _harvest_default(n: int) -> Path:
     from saelab.harvest import harvest
 
     path = HERE / ".cache" / f"smollm2-resid12-{n}"
-    print(f"  harvesting {n:,} real activation rows into {path} (once) ...", flush=True)
+    if not (path / "manifest.json").exists():
+        print(f"  harvesting {n:,} real activation rows into {path} (once) ...", flush=True)
     cfg = HarvestConfig(model=ModelConfig(hook="blocks.12.hook_resid_post"), data=DataConfig(),
                         store=str(path), tokens=n)
     harvest(cfg, progress=False)

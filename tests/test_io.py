@@ -154,6 +154,7 @@ FIXTURE_ARCHS = {
     "saelens_standard": "relu",
     "saelens_gated": "gated",
     "saelens_jumprelu": "jumprelu",
+    "saelens_topk": "topk",
 }
 
 
@@ -406,3 +407,17 @@ def test_error_messages_are_one_line(tmp_path):
     with pytest.raises(SAEFormatError) as info:
         sio.load_sae(folder)
     assert "\n" not in str(info.value)
+
+
+def test_saelens_topk_options_are_checked(tmp_path):
+    g = torch.Generator().manual_seed(0)
+    tensors = {"W_enc": torch.randn(D_IN, D_SAE, generator=g), "b_enc": torch.zeros(D_SAE),
+               "W_dec": torch.randn(D_SAE, D_IN, generator=g), "b_dec": torch.zeros(D_IN)}
+    base = {"architecture": "topk", "d_in": D_IN, "d_sae": D_SAE, "dtype": "float32"}
+    ok = sio.load_sae(_write_folder(tmp_path / "ok", {**base, "k": 3}, tensors))
+    assert ok.cfg.topk.k == 3 and ((ok.encode(_x()) != 0).sum(1) <= 3).all()
+    with pytest.raises(SAEFormatError, match="positive integer k"):
+        sio.load_sae(_write_folder(tmp_path / "nok", base, tensors))
+    with pytest.raises(SAEFormatError, match="rescale_acts_by_decoder_norm"):
+        sio.load_sae(_write_folder(tmp_path / "rescale",
+                                   {**base, "k": 3, "rescale_acts_by_decoder_norm": True}, tensors))

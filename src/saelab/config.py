@@ -511,6 +511,55 @@ class RunConfig:
             raise ConfigError(f"--harvest-tokens must be >= 0, got {self.harvest_tokens}")
 
 
+def parse_arch_list(text: str) -> list[str]:
+    """``--arch A,B`` -> ["A", "B"] in the order given (deduplicated); 'all' -> every trainable
+    family, sorted."""
+    from saelab.saes.registry import architectures
+
+    names = [a.strip() for a in text.split(",") if a.strip()]
+    if names == ["all"]:
+        return sorted(architectures(trainable_only=True))
+    if not names:
+        raise ConfigError("--arch is empty: give family names or 'all'")
+    return list(dict.fromkeys(names))
+
+
+def parse_levels(items: list[str], many: bool) -> dict[str, list[float]]:
+    """``--levels FAMILY=V1,V2`` items -> {family: [values]}; a family given twice keeps its
+    last entry. ``many=False`` allows one value per family."""
+    shape = "FAMILY=NUMBER,NUMBER,..." if many else "FAMILY=NUMBER (one level per family)"
+    out: dict[str, list[float]] = {}
+    for item in items:
+        name, sep, values = str(item).partition("=")
+        try:
+            parsed = [float(v) for v in values.split(",") if v.strip()]
+        except ValueError:
+            parsed = []
+        if (not sep or not name.strip() or not parsed or not all(map(math.isfinite, parsed))
+                or (not many and len(parsed) > 1)):
+            raise ConfigError(f"--levels {item!r} is not {shape}")
+        out[name.strip()] = parsed
+    return out
+
+
+def set_dotted(cfg: Any, path: str, value: Any) -> Any:
+    """Set the (nested) dataclass field ``path`` (e.g. ``topk.k``), keeping integer fields int;
+    returns the value set."""
+    *parents, name = path.split(".")
+    obj = cfg
+    for p in parents:
+        obj = getattr(obj, p)
+    if not dataclasses.is_dataclass(obj) or name not in {f.name for f in dataclasses.fields(obj)}:
+        raise ConfigError(f"no config field {path!r}")
+    current = getattr(obj, name)
+    if isinstance(current, int) and not isinstance(current, bool) and isinstance(value, float):
+        if value != int(value):
+            raise ConfigError(f"--levels: {path} takes whole numbers, got {value:g}")
+        value = int(value)
+    setattr(obj, name, value)
+    return value
+
+
 def parse_fractions(text: str) -> list[float]:
     """'0.25,0.75' -> [0.25, 0.75]; [] if unparsable."""
     try:
@@ -550,10 +599,10 @@ def save_json(cfg: Any, path: Path) -> None:
 class SyntheticDataOptions:
     """Synthetic activations from a known dictionary (saelab.data.synthetic)."""
 
-    d: int = opt(64, "Width d of the synthetic activations.")
-    n_features: int = opt(512, "Number M of true unit feature directions (M > d: superposition).")
+    d: int = opt(32, "Width d of the synthetic activations.")
+    n_features: int = opt(128, "Number M of true unit feature directions (M > d: superposition).")
     mean_active: float = opt(
-        8.0, "Expected number of active true features per sample: the true L0.")
+        4.0, "Expected number of active true features per sample: the true L0.")
     frequency_exponent: float = opt(
         0.5, "Zipf exponent s: feature i fires with probability proportional to 1/(i+1)^s, "
         "scaled so the probabilities sum to --mean-active.")
@@ -602,7 +651,7 @@ class SynthConfig:
     data: SyntheticDataOptions = field(default_factory=SyntheticDataOptions)
     arch: str = opt("all", "Comma-separated SAE families, or 'all' (every trainable family).")
     out: str = opt("", "Output folder; synth.json is written there (required).")
-    d_sae: int = opt(512, "Latents per SAE.")
+    d_sae: int = opt(256, "Latents per SAE.")
     k: int = opt(
         0, "Active latents per token for the k-based families (also JumpReLU's target L0); "
         "0 = the true mean L0 (--mean-active), rounded.")
@@ -643,29 +692,10 @@ class SynthConfig:
             raise ConfigError(f"--lr must be a positive number, got {self.lr}")
 
     def arch_list(self) -> list[str]:
-        """The families to train, in the order given ('all': registry order, sorted)."""
-        from saelab.saes.registry import architectures
-
-        names = [a.strip() for a in self.arch.split(",") if a.strip()]
-        if names == ["all"]:
-            return sorted(architectures(trainable_only=True))
-        if not names:
-            raise ConfigError("--arch is empty: give family names or 'all'")
-        return list(dict.fromkeys(names))
+        return parse_arch_list(self.arch)
 
     def level_overrides(self) -> dict[str, float]:
-        """--levels as {family: value}; a family given twice keeps its last entry."""
-        out: dict[str, float] = {}
-        for item in self.levels:
-            name, sep, value = str(item).partition("=")
-            try:
-                number = float(value)
-            except ValueError:
-                number = math.nan
-            if not sep or not name.strip() or not math.isfinite(number):
-                raise ConfigError(f"--levels {item!r} is not FAMILY=NUMBER (one level per family)")
-            out[name.strip()] = number
-        return out
+        return {k: v[0] for k, v in parse_levels(self.levels, many=False).items()}
 
 
 # ---- `saelab sweep`: families x sparsity levels on one store -----------------------------------
@@ -681,9 +711,7 @@ class SweepSAEConfig(SAEConfig):
 class SweepTrainConfig(TrainConfig):
     """Optimisation settings of every sweep run (same seed, tokens and batch for all)."""
 
-    tokens: int = opt(
-        250_000, "Training token budget of each run (measured on 2 CPU cores, d_in 576, d_sae "
-        "2048: ~10-30 s per run).")
+    tokens: int = opt(250_000, "Training token budget of each run (the same for every run).")
     batch_size: int = opt(2048, "Activation rows per optimiser step.")
     checkpoint_every: int = opt(
         25, "Write a checkpoint every N steps, so an interrupted sweep loses little; 0 = only "
@@ -754,26 +782,7 @@ class SweepConfig:
                                   f"({', '.join(families)})")
 
     def arch_list(self) -> list[str]:
-        """The families to train, in the order given ('all': every trainable family, sorted)."""
-        from saelab.saes.registry import architectures
-
-        names = [a.strip() for a in self.archs.split(",") if a.strip()]
-        if names == ["all"]:
-            return sorted(architectures(trainable_only=True))
-        if not names:
-            raise ConfigError("--arch is empty: give family names or 'all'")
-        return list(dict.fromkeys(names))
+        return parse_arch_list(self.archs)
 
     def level_overrides(self) -> dict[str, list[float]]:
-        """--levels as {family: [values]}; a family given twice keeps its last entry."""
-        out: dict[str, list[float]] = {}
-        for item in self.levels:
-            name, sep, values = str(item).partition("=")
-            try:
-                parsed = [float(v) for v in values.split(",") if v.strip()]
-            except ValueError:
-                parsed = []
-            if not sep or not name.strip() or not parsed or not all(map(math.isfinite, parsed)):
-                raise ConfigError(f"--levels {item!r} is not FAMILY=NUMBER,NUMBER,...")
-            out[name.strip()] = parsed
-        return out
+        return parse_levels(self.levels, many=True)

@@ -46,7 +46,7 @@ SAELENS_FORMAT_VERSION = "6.0.0"
 SAELAB_FORMAT_VERSION = 1
 
 #: SAELens architecture → saelab family (for folders without a ``saelab`` block)
-SAELENS_TO_SAELAB = {"standard": "relu", "gated": "gated", "jumprelu": "jumprelu"}
+SAELENS_TO_SAELAB = {"standard": "relu", "gated": "gated", "jumprelu": "jumprelu", "topk": "topk"}
 
 _DTYPES = {
     "float32": torch.float32,
@@ -265,7 +265,7 @@ def _family_and_config(cfg: dict[str, Any], folder: Path) -> tuple[type[SAE], SA
         if act not in (None, "relu"):
             raise SAEFormatError(
                 f"{folder}: activation_fn {act!r} is not supported; saelab loads ReLU-based "
-                "standard, gated and jumprelu SAEs"
+                "standard, gated, jumprelu and topk SAEs"
             )
         _check_normalization(cfg, folder)
         values = {
@@ -273,6 +273,17 @@ def _family_and_config(cfg: dict[str, Any], folder: Path) -> tuple[type[SAE], SA
             "apply_b_dec_to_input": bool(cfg.get("apply_b_dec_to_input", True)),
             "normalize_activations": "none",
         }
+        if name == "topk":
+            k = cfg.get("k")
+            if not isinstance(k, int) or isinstance(k, bool) or k < 1:
+                raise SAEFormatError(f"{folder / CFG_FILENAME}: topk needs a positive integer k, "
+                                     f"got {k!r}")
+            if cfg.get("rescale_acts_by_decoder_norm"):
+                raise SAEFormatError(
+                    f"{folder}: rescale_acts_by_decoder_norm=true selects latents by "
+                    "π·‖d_i‖, which saelab's topk does not do; normalise the decoder in SAELens "
+                    "first (fold_W_dec_norm) and save again")
+            values["topk"] = {"k": k}
     if name not in architectures():
         raise SAEFormatError(
             f"{folder}: unknown architecture {name!r}; choose one of "

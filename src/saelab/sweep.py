@@ -29,7 +29,7 @@ from dataclasses import asdict, dataclass, field, is_dataclass
 from pathlib import Path
 from typing import Any
 
-from saelab.config import RunConfig, SAEConfig, SweepConfig, from_dict
+from saelab.config import RunConfig, SAEConfig, SweepConfig, from_dict, set_dotted
 from saelab.errors import ConfigError, RunFolderError
 from saelab.fsutil import atomic_write_bytes, atomic_write_json
 
@@ -108,22 +108,6 @@ def _field_type(root: type, dotted: str) -> type:
     return args[0] if args else hint
 
 
-def _set_dotted(obj: Any, dotted: str, value: Any) -> None:
-    *path, last = dotted.split(".")
-    for part in path:
-        obj = getattr(obj, part)
-    setattr(obj, last, value)
-
-
-def _cast_level(family: str, param: str, value: float) -> float | int:
-    kind = _field_type(SAEConfig, param)
-    if kind is int:
-        if value != int(value):
-            raise ConfigError(f"--levels {family}: {param} takes whole numbers, got {value:g}")
-        return int(value)
-    return float(value)
-
-
 def plan_runs(cfg: SweepConfig) -> list[SweepRun]:
     """Every (family, level) run of ``cfg`` with its full, validated RunConfig."""
     from saelab.saes.registry import get_family
@@ -140,10 +124,11 @@ def plan_runs(cfg: SweepConfig) -> list[SweepRun]:
                                   f"--levels {family}=V1,V2,...")
             continue
         for value in levels:
-            level = _cast_level(family, cls.sweep_param, value)
             sae = copy.deepcopy(cfg.sae)
             sae.architecture = family
-            _set_dotted(sae, cls.sweep_param, level)
+            if _field_type(SAEConfig, cls.sweep_param) is float:
+                value = float(value)  # a None default (family's choice) is a float knob
+            level = set_dotted(sae, cls.sweep_param, value)
             run = SweepRun(family, cls.sweep_param, level, RunConfig(
                 model=copy.deepcopy(cfg.model), data=copy.deepcopy(cfg.data), sae=sae,
                 train=copy.deepcopy(cfg.train), eval=copy.deepcopy(cfg.eval), out="",
@@ -184,8 +169,7 @@ def _prepare_out(cfg: SweepConfig) -> None:
         saved = json.loads(marker.read_text()).get("settings")
         if cfg.overwrite:
             _clear_sweep(out)
-        elif saved != settings:
-            diff = _diff_keys(saved or {}, settings)
+        elif diff := _diff_keys(saved or {}, settings):
             raise RunFolderError(
                 f"{out} holds a sweep made with other settings "
                 f"({', '.join(diff[:4])}{', ...' if len(diff) > 4 else ''}): pass "
@@ -198,8 +182,10 @@ def _prepare_out(cfg: SweepConfig) -> None:
 
 
 def _diff_keys(a: dict, b: dict, prefix: str = "") -> list[str]:
+    """Dotted keys whose values differ. Keys only one side has are options added or removed by
+    another saelab version: they are not counted (as from_dict fills them with defaults)."""
     keys = []
-    for k in sorted(set(a) | set(b)):
+    for k in sorted(set(a) & set(b)):
         va, vb = a.get(k), b.get(k)
         if isinstance(va, dict) and isinstance(vb, dict):
             keys += _diff_keys(va, vb, f"{prefix}{k}.")
@@ -221,8 +207,7 @@ def _check_run_matches(run: SweepRun) -> None:
     saved = json.loads((run.run_dir / RUN_CONFIG).read_text())
     mine = _comparable(asdict(run.cfg))
     theirs = _comparable(asdict(from_dict(RunConfig, saved)))
-    if mine != theirs:
-        diff = _diff_keys(theirs, mine)
+    if diff := _diff_keys(theirs, mine):
         raise RunFolderError(
             f"{run.run_dir} holds a run made with other settings ({', '.join(diff[:4])}): "
             "pass --overwrite to replace the sweep, or choose another --out")
@@ -340,11 +325,21 @@ def run_sweep(cfg: SweepConfig, progress: bool = True,
             continue
         run_seconds.append(time.perf_counter() - t_run)
         done[run.name] = _row(run, metrics)
+        log(_run_summary(f"run {i}/{len(runs)}: {run.label}", metrics))
         _write_outputs(cfg, runs, done, result, shared, time.perf_counter() - t_start)
         stale = False
     if stale:
         _write_outputs(cfg, runs, done, result, shared, time.perf_counter() - t_start)
     return result
+
+
+def _run_summary(head: str, m: dict[str, float]) -> str:
+    parts = [f"L0 {m.get('l0', math.nan):.1f}", f"FVU {m.get('fvu', math.nan):.3f}"]
+    if "ce_loss_recovered" in m:
+        parts.append(f"CE rec {m['ce_loss_recovered']:.1%}")
+    train, ev, ce = (m.get(k, 0.0) for k in ("train_seconds", "eval_seconds", "eval_ce_seconds"))
+    return (f"{head}: {', '.join(parts)}; train {train:.0f} s, eval {ev:.0f} s "
+            f"(LM splices {ce:.0f} s)")
 
 
 def _eta(run_seconds: list[float], remaining: list[SweepRun], done: dict) -> str:
@@ -398,6 +393,8 @@ def _write_outputs(cfg: SweepConfig, runs: list[SweepRun], done: dict[str, dict[
         "pending": [r.name for r in runs if r.name not in done],
         "failed": result.failed,
         "eval_baseline_seconds": shared.baseline_seconds,
+        # activations (held-out truncated forwards) and ce (clean/zero/mean LM forwards)
+        "eval_baseline_split": shared.baseline.seconds if shared.baseline is not None else {},
         "session_seconds": seconds,
     }))
     title = (f"{cfg.model.model} · {cfg.model.hook} · d_sae {cfg.sae.d_sae} · "

@@ -8,12 +8,19 @@ evaluation. The only settings the benchmark imposes are ``topk.k`` (and JumpReLU
 ``target_l0``), set to the true mean L0 unless ``--k`` is given, and the ``--levels`` overrides
 of each family's sparsity knob. Families whose sparsity is set by a penalty (relu, gated, ...)
 keep their default coefficient, so their L0 can be far from the true one: the table prints
-every family's L0 beside its scores.
+every family's L0 beside its scores and flags those outside [0.5, 2] x the true L0.
+
+Families with ``uses_lm_grads`` (g-SAE) train on ``(x, g)`` with ``g`` the gradient of the
+generator's synthetic readout loss; they are scored, like every family, with ``encode(x)``, the
+inference function (g-SAE's documented TopK fallback without a gradient, §7.5).
+
+Default size (d 32, 128 true features, true L0 4, 256 latents, ~980 steps of 1,024 samples):
+chosen so all 13 families take a few minutes on 2 CPU cores. The tests use smaller settings.
 """
 
 from __future__ import annotations
 
-import dataclasses
+import math
 import sys
 import time
 import traceback
@@ -23,9 +30,9 @@ from typing import Any
 
 import torch
 
-from saelab.config import SAEConfig, SynthConfig, TrainConfig
+from saelab.config import SAEConfig, SynthConfig, TrainConfig, set_dotted
 from saelab.data.synthetic import SyntheticData, SyntheticSample, key_seed
-from saelab.errors import ConfigError, RunFolderError
+from saelab.errors import RunFolderError
 from saelab.fsutil import atomic_write_json
 
 RESULT_FILE = "synth.json"
@@ -45,24 +52,10 @@ class SynthResult:
         return [r["arch"] for r in self.records if "error" in r]
 
 
-def set_dotted(cfg: Any, path: str, value: float) -> None:
-    """Set the (nested) dataclass field ``path`` (e.g. ``topk.k``), keeping integer fields int."""
-    *parents, name = path.split(".")
-    obj = cfg
-    for p in parents:
-        obj = getattr(obj, p)
-    if not dataclasses.is_dataclass(obj) or name not in {f.name for f in dataclasses.fields(obj)}:
-        raise ConfigError(f"no config field {path!r}")
-    current = getattr(obj, name)
-    if isinstance(current, int) and not isinstance(current, bool):
-        if value != int(value):
-            raise ConfigError(f"{path} takes an integer, got {value:g}")
-        value = int(value)
-    setattr(obj, name, value)
-
-
-def family_config(name: str, cfg: SynthConfig, k: int) -> SAEConfig:
-    """The SAE config the benchmark trains for family ``name``."""
+def family_config(name: str, cfg: SynthConfig, k: int,
+                  overrides: dict[str, Any] | None = None) -> SAEConfig:
+    """The SAE config the benchmark trains for family ``name``: defaults, ``k``, the family's
+    ``--levels`` value, then ``overrides`` (dotted SAEConfig paths, for API callers)."""
     from saelab.saes.registry import get_family
 
     sae_cfg = SAEConfig(architecture=name, d_in=cfg.data.d, d_sae=cfg.d_sae)
@@ -71,6 +64,8 @@ def family_config(name: str, cfg: SynthConfig, k: int) -> SAEConfig:
     level = cfg.level_overrides().get(name)
     if level is not None:
         set_dotted(sae_cfg, get_family(name).sweep_param, level)
+    for path, value in (overrides or {}).items():
+        set_dotted(sae_cfg, path, value)
     sae_cfg.validate()
     return sae_cfg
 
@@ -85,8 +80,10 @@ def random_baseline(d_sae: int, data: SyntheticData, signed: bool) -> dict[str, 
 
 
 def train_family(name: str, cfg: SynthConfig, data: SyntheticData, heldout: SyntheticSample,
-                 k: int, progress: bool = True) -> dict[str, Any]:
-    """Train one family on the synthetic stream and score it on the held-out set."""
+                 k: int, progress: bool = True, overrides: dict[str, Any] | None = None
+                 ) -> dict[str, Any]:
+    """Train one family on the synthetic stream and score it on the held-out set
+    (``overrides``: see :func:`family_config`)."""
     from saelab.data.stream import norm_scale_of_rows
     from saelab.evals.recovery import evaluate_recovery
     from saelab.pipeline import export_sae
@@ -96,7 +93,7 @@ def train_family(name: str, cfg: SynthConfig, data: SyntheticData, heldout: Synt
 
     cls = get_family(name)
     device = resolve_device(cfg.device)
-    sae = build_sae(family_config(name, cfg, k), device=device,
+    sae = build_sae(family_config(name, cfg, k, overrides), device=device,
                     generator=torch.Generator().manual_seed(cfg.seed))
     init_x = data.init_sample(INIT_ROWS)
     scale = norm_scale_of_rows(init_x, sae.cfg.normalize_activations)
@@ -167,11 +164,29 @@ def run_synth(cfg: SynthConfig, progress: bool = True, log=None) -> SynthResult:
     return res
 
 
+def _fmt(value: Any) -> str:
+    return f"{value:g}" if isinstance(value, int | float) else str(value)
+
+
 def _payload(cfg: SynthConfig, res: SynthResult, complete: bool) -> dict[str, Any]:
-    return {"config": asdict(cfg), "ground_truth": res.ground_truth,
-            "random_dictionary": res.baseline, "complete": complete, "results": res.records}
+    return _json_safe({"config": asdict(cfg), "ground_truth": res.ground_truth,
+                       "random_dictionary": res.baseline, "complete": complete,
+                       "results": res.records})
 
 
+def _json_safe(obj: Any) -> Any:
+    """NaN/inf -> None, so synth.json is strict JSON."""
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None
+    if isinstance(obj, dict):
+        return {k: _json_safe(v) for k, v in obj.items()}
+    if isinstance(obj, list | tuple):
+        return [_json_safe(v) for v in obj]
+    return obj
+
+
+#: a family's L0 outside this multiple of the true L0 is flagged under the table
+L0_BAND = (0.5, 2.0)
 COLUMNS = (  # key, header, format
     ("l0", "L0", "{:.1f}"),
     ("fvu", "FVU", "{:.4f}"),
@@ -200,4 +215,11 @@ def synth_table(res: SynthResult) -> str:
     cells = {"mean_best_cos": b["mean_best_cos"], "frac_recovered": b["frac_recovered"]}
     lines.append(f"{'random dict':<{width}}" + "".join(
         f"  {fmt.format(cells[key]) if key in cells else '':>9}" for key, _, fmt in COLUMNS))
+    off = [r for r in res.records if "error" not in r and not
+           (L0_BAND[0] * t["true_l0"] <= r["l0"] <= L0_BAND[1] * t["true_l0"])]
+    if off:
+        lines.append(f"L0 outside {L0_BAND[0]:g}-{L0_BAND[1]:g}x the true L0 (set the "
+                     "sparsity knob with --levels FAMILY=VALUE): " + ", ".join(
+                         f"{r['arch']} ({r['sparsity_param']} = {_fmt(r['sparsity_value'])})"
+                         for r in off))
     return "\n".join(lines)

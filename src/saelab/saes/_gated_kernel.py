@@ -40,14 +40,16 @@ class GatedEncode(torch.autograd.Function):
             d_gate_BF = grad_gate_BF * (gate_BF > 0)
         else:
             d_gate_BF = torch.zeros_like(h_BF)
-        d_r_F = (d_mag_BF * h_BF).sum(0) * scale_F
-        d_b_mag_F = d_mag_BF.sum(0)
-        d_b_gate_F = d_gate_BF.sum(0)
+        # column sums as BLAS gemv (ones @ M): ~3x faster than .sum(0) on a 2-core CPU
+        ones_B = h_BF.new_ones(h_BF.shape[0])
+        d_r_F = (ones_B @ (d_mag_BF * h_BF)) * scale_F
+        d_b_mag_F = ones_B @ d_mag_BF
+        d_b_gate_F = ones_B @ d_gate_BF
         d_h_BF = torch.addcmul(d_gate_BF, d_mag_BF, scale_F)
         d_W_DF = x_BD.T @ d_h_BF
         d_b_dec_D = None
         if ctx.sub_b_dec:
-            d_h_F = d_h_BF.sum(0)
+            d_h_F = d_b_gate_F + scale_F * d_b_mag_F  # = d_h_BF.sum(0), by linearity
             d_W_DF.sub_(torch.outer(b_dec_D, d_h_F))
             d_b_dec_D = -(W_DF @ d_h_F)
         return None, d_W_DF, d_b_dec_D, d_b_gate_F, d_r_F, d_b_mag_F, None

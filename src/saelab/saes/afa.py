@@ -51,6 +51,20 @@ Kaiming column scale ``sqrt(2·d_in/d_sae)`` of the reference (its ``W_enc`` is 
 only ``W_dec`` is normalised), so at init all positive activations together carry about
 ``‖x_c‖``: the first steps start from large k* and training sharpens the code. Decoder: N1.
 
+Known behaviour: **top-AFA learns dense codes**, in the reference too. Nothing in the loss rewards
+fewer active latents: the selection only enforces ``‖f‖ ≈ ‖x_c‖``, and a dense code of many
+smaller activations whose cross terms ``Σ_{i≠j} f_i f_j d_i·d_j`` cancel satisfies that and
+reconstructs better than a sparse one. From the Kaiming init (all positive activations together
+carry about ``‖x_c‖``, so k* starts at most of the positives) training lowers the
+reconstruction error without concentrating the code, and the AFA term is ~0 once the selection
+matches the norms. The reference's logged runs end at L0 ≈ 2,000 of 12,288 latents on GPT-2
+(≈ 2.7·d, l2 ≈ 2e-4, i.e. TopK-at-k ≥ 1024 reconstruction); on `saelab synth` (d 32, true L0 4,
+256 latents) this implementation ends at L0 ~75 (≈ 2.3·d), FVU 0.02, decoder at chance
+(best-cos 0.47), and an independent dense float64 reimplementation of the reference code
+(per-token standardisation, elementwise MSE, lr 3e-4 or 1.6e-3, λ 0 … 1/8) behaves the same
+(L0 81-91, best-cos 0.46-0.50, FVU down to 2e-4). Per-token standardisation is therefore not
+implemented (it would not change this, and it would break the plain raw-activation function).
+
 Not loadable by SAELens (the per-token k* has no SAELens equivalent); saved as
 ``saelab.topafa``.
 
@@ -125,15 +139,14 @@ class TopAFASAE(SAE):
     saelens_architecture = None
     defaults = {"apply_b_dec_to_input": True, "b_dec_init": "zeros"}
     train_defaults = {"lr": topk_lr, "adam_beta1": 0.9}
-    # top-AFA has no k. λ_AFA is its one loss knob that moves L0 (the reference sweeps it over
-    # {1/128 … 1/16}, §10.3). The selection alone already makes ‖f‖ ≈ ‖x_c‖, so a dense code of
-    # small activations satisfies it; the AFA term is what pushes activations up (towards ‖x‖
-    # ≥ ‖x_c‖ with the uncentered target, or whenever the positives fall short of ‖x_c‖), and
-    # larger activations reach ‖x_c‖ after fewer latents. In short runs a larger λ_AFA gave a
-    # lower L0 (SmolLM2 layer 6, 80 steps: L0 288 at 1/32 vs 320 at 1/128; synthetic data,
-    # centered target: 52 vs 94). Levels run from high λ (low L0) to low λ (high L0).
-    sweep_param = "afa.afa_coefficient"
-    sweep_levels = (1 / 16, 1 / 32, 1 / 128)
+    # top-AFA has no k. λ_AFA is its one loss knob (the reference sweeps {1/128 … 1/16}, §10.3),
+    # but it moves L0 little and not in the direction one might guess: the reference's own logged
+    # runs (GPT-2 resid_pre layers 6-8, M = 12,288, 20k steps) end at L0 315-1580 with λ = 1/128,
+    # ~2,040-2,100 with 1/32 and ~2,340-2,420 with 1/16, i.e. *larger* λ, *higher* L0. Short runs
+    # here disagree in sign (SmolLM2 layer 6, 80 steps: L0 288 at 1/32 vs 320 at 1/128) and on
+    # synthetic data λ ∈ {0, 1/32, 1/8} all end at L0 ~88 of 256. Levels follow the reference's
+    # long-run ordering, low λ (lowest L0) first.
+    sweep_levels = (1 / 128, 1 / 32, 1 / 16)
 
     def __init__(self, cfg, device=None, dtype=torch.float32):
         super().__init__(cfg, device=device, dtype=dtype)

@@ -190,8 +190,11 @@ class SAE(nn.Module):
         g = self.W_dec.grad
         if g is None:
             return
-        d_hat = self.W_dec / (self.W_dec.norm(dim=1, keepdim=True) + 1e-8)
-        g.sub_((g * d_hat).sum(dim=1, keepdim=True) * d_hat)
+        # (g·d̂) d̂ with d̂ = W/(‖W‖ + eps), as (g·W)/(‖W‖ + eps)² · W: two row-wise dots and one
+        # fused update, no [F, D] temporaries (this runs every step)
+        W = self.W_dec
+        coef_F = torch.linalg.vecdot(g, W, dim=1) / (W.norm(dim=1) + 1e-8).square()
+        g.addcmul_(W, coef_F[:, None], value=-1.0)
 
     @torch.no_grad()
     def fold_decoder_norms(self) -> None:

@@ -85,7 +85,9 @@ class GatedSAE(SAE):
 
         lam = self.cfg.l1_coefficient * self.sparsity_scale(step)
         total = mse + lam * sparsity + aux
-        return LossOutput(total, {"mse": mse, "l1": sparsity, "aux": aux}, f_BF, recon_BD)
+        # f ≥ 0, so "fired" is one column-max pass (the tracker's generic |f| > 0 test is three)
+        return LossOutput(total, {"mse": mse, "l1": sparsity, "aux": aux}, f_BF, recon_BD,
+                          fired_F=f_BF.detach().amax(0) > 0)
 
     def bias_names(self) -> tuple[str, ...]:
         return ("b_dec", "b_gate", "b_mag")

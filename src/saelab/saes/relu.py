@@ -67,7 +67,9 @@ class ReLUSAE(SAE):
             sparsity = f_BF.sum(-1).mean()
         lam = self.cfg.l1_coefficient * self.sparsity_scale(step)
         total = mse + lam * sparsity
-        return LossOutput(total, {"mse": mse, "l1": sparsity}, f_BF, recon_BD)
+        # f ≥ 0, so "fired" is one column-max pass (the tracker's generic |f| > 0 test is three)
+        return LossOutput(total, {"mse": mse, "l1": sparsity}, f_BF, recon_BD,
+                          fired_F=f_BF.detach().amax(0) > 0)
 
     def bias_names(self) -> tuple[str, ...]:
         return ("b_dec", "b_enc")

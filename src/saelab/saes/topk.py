@@ -241,7 +241,7 @@ class BatchTopKSAE(ThresholdedBatchSAE):
     architecture = "batchtopk"
 
     def select_train(self, pre_BF: Tensor, step: int) -> SparseCode:
-        code = topk_per_batch(torch.relu(pre_BF), self.k * pre_BF.shape[0])
+        code = topk_per_batch(pre_BF, self.k * pre_BF.shape[0], relu=True)
         if self.estimating_threshold(step):
             # smallest surviving positive activation of this batch (inf if none)
             smallest = torch.where(code.vals > 0, code.vals, torch.inf).min().detach()

@@ -20,8 +20,10 @@ class DeadLatentTracker:
 
     @torch.no_grad()
     def update(self, latents_BF: Tensor) -> None:
-        # |f| so signed families (AbsTopK) count negative codes as firing
-        self.update_fired((latents_BF.abs() > self.eps).any(dim=0), latents_BF.shape[0])
+        # |f| > eps so signed families (AbsTopK) count negative codes as firing; two column
+        # reductions instead of materialising |f| and a [B, F] mask
+        fired_F = (latents_BF.amax(0) > self.eps) | (latents_BF.amin(0) < -self.eps)
+        self.update_fired(fired_F, latents_BF.shape[0])
 
     @torch.no_grad()
     def update_fired(self, fired_F: Tensor, n_tokens: int) -> None:
