@@ -17,6 +17,25 @@ TOKENIZER_TEXT = [
 ]
 
 
+@pytest.fixture
+def one_thread():
+    """Tiny matmuls gain nothing from threads, and on a busy 2-core machine two spinning OpenMP
+    threads make each one many times slower. Modules opt in with
+    ``pytestmark = pytest.mark.usefixtures("one_thread")``."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def _seeded_eval_model(build):
+    """``build()`` under a fixed seed, without touching the global RNG, frozen in eval mode."""
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        model = build()
+    return model.eval().requires_grad_(False)
+
+
 @pytest.fixture(scope="session")
 def tiny_tokenizer():
     """A byte-level BPE tokenizer (vocab 300) trained in-process on three sentences."""
@@ -54,10 +73,7 @@ def tiny_llama():
         bos_token_id=1,
         eos_token_id=2,
     )
-    with torch.random.fork_rng():
-        torch.manual_seed(0)
-        model = LlamaForCausalLM(cfg)
-    return model.eval().requires_grad_(False)
+    return _seeded_eval_model(lambda: LlamaForCausalLM(cfg))
 
 
 @pytest.fixture(scope="session")
@@ -74,10 +90,7 @@ def tiny_gpt2():
         bos_token_id=0,
         eos_token_id=0,
     )
-    with torch.random.fork_rng():
-        torch.manual_seed(0)
-        model = GPT2LMHeadModel(cfg)
-    return model.eval().requires_grad_(False)
+    return _seeded_eval_model(lambda: GPT2LMHeadModel(cfg))
 
 
 @pytest.fixture(scope="session")

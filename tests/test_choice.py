@@ -16,13 +16,7 @@ from saelab.train.trainer import Trainer
 D, F, K, B = 16, 64, 4, 48
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny matmuls: a second thread only adds sync overhead on the shared 2-core machine."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def make(arch="feature_choice", seed=0, d_sae=F, k=K, topk=None, **choice):

@@ -13,13 +13,7 @@ from saelab.train.trainer import Trainer
 D, F, B = 12, 40, 64
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny matmuls: extra threads only add contention on a shared machine."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def make(seed=0, d_sae=F, **gba):

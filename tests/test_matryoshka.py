@@ -16,13 +16,7 @@ GROUPS = "1,1,2,4"  # ends 8, 16, 32, 64
 N_TRUE = 24
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """Tiny tensors: one thread avoids contention overhead on a shared machine."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def make(seed=0, groups=GROUPS, include_b_dec=True):

@@ -22,14 +22,7 @@ GRID = ("--arch", "topk,relu", "--levels", "topk=4,8", "--levels", "relu=5,1")
 RUNS = ("topk-k-4", "topk-k-8", "relu-l1_coefficient-5", "relu-l1_coefficient-1")
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny matmuls gain nothing from threads, and on a busy 2-core machine two spinning
-    OpenMP threads make each one ~100x slower."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(autouse=True)

@@ -232,15 +232,6 @@ KNOWN_FAILURES = {
 }
 
 
-@pytest.fixture
-def one_thread():
-    """Tiny matmuls gain nothing from threads, and a second thread spinning on a busy 2-core
-    machine makes these runs several times slower."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
 
 @pytest.fixture(scope="module")
 def learn_data():

@@ -19,13 +19,7 @@ def make(seed=0, k=K, d_sae=F, **vsae):
     return build_sae(cfg, generator=torch.Generator().manual_seed(seed))
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny matmuls: extra threads only add contention on a shared machine."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def sparse_batches(seed=0, n_feat=24, batch=B):

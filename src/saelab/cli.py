@@ -62,12 +62,7 @@ def _add_synth_parser(sub) -> None:
                     "Writes DIR/synth.json and prints one row per family.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
-    add_dataclass_args(s, SynthConfig, skip=("levels",))
-    s.add_argument("--levels", dest="levels", action="append", metavar="FAMILY=VALUE",
-                   default=argparse.SUPPRESS,
-                   help="sparsity knob of one family (repeatable), e.g. --levels relu=2.5 "
-                        "--levels gated=3: the value of the family's sweep_param "
-                        "(l1_coefficient, topk.k, ...). Default: the family's default")
+    add_dataclass_args(s, SynthConfig)
     s.add_argument("--quiet", action="store_true", help="no progress bars")
 
 
@@ -84,13 +79,7 @@ def _add_sweep_parser(sub) -> None:
                     "an interrupted sweep.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
-    add_dataclass_args(s, SweepConfig, skip=("sae.architecture", "levels"))
-    s.add_argument("--levels", dest="levels", action="append", metavar="FAMILY=V1,V2,...",
-                   default=argparse.SUPPRESS,
-                   help="sparsity levels of one family (repeatable), e.g. --levels topk=16,32,64 "
-                        "--levels gated=2,4,8: values of the family's sweep knob (topk.k, "
-                        "l1_coefficient, ...; see each family's sweep_param). Default: the "
-                        "family's own sweep_levels")
+    add_dataclass_args(s, SweepConfig, skip=("sae.architecture",))
     s.add_argument("--quiet", action="store_true", help="no progress bars")
 
 

@@ -42,6 +42,8 @@ def add_dataclass_args(parser: argparse.ArgumentParser, cls: type, prefix: str =
         if base is bool:
             kw["action"] = argparse.BooleanOptionalAction
             kw["help"] = f"{help_text} (default: {default})"
+        elif typing.get_origin(hint) is list:  # a repeatable flag
+            kw.update(action="append", metavar=f.metadata.get("metavar") or "STR", help=help_text)
         else:
             kw["type"] = base if base in (int, float, str) else str
             kw["metavar"] = base.__name__.upper() if base in (int, float) else "STR"

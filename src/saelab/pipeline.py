@@ -91,7 +91,7 @@ def resolve_store(cfg: RunConfig, lm, hook_name: str, progress: bool):
                 f"{cfg.sae.architecture} trains on LM-loss gradients but store {cfg.store} has "
                 f"none: make one with `saelab harvest --with-grads`, or omit --store")
     else:
-        tokens = cfg.harvest_tokens or cfg.train.tokens
+        tokens = cfg.harvest_rows()
         path = default_store_path(cfg, tokens)
         hcfg = HarvestConfig(model=cfg.model, data=cfg.data, store=str(path), tokens=tokens,
                              split="train", with_grads=grads)

@@ -132,7 +132,7 @@ def plan_runs(cfg: SweepConfig) -> list[SweepRun]:
             run = SweepRun(family, cls.sweep_param, level, RunConfig(
                 model=copy.deepcopy(cfg.model), data=copy.deepcopy(cfg.data), sae=sae,
                 train=copy.deepcopy(cfg.train), eval=copy.deepcopy(cfg.eval), out="",
-                store=cfg.store, harvest_tokens=cfg.harvest_tokens, skip_ce=cfg.skip_ce))
+                store=cfg.store, harvest_tokens=cfg.harvest_rows(), skip_ce=cfg.skip_ce))
             run.cfg.out = str(Path(cfg.out) / RUNS / run.name)
             try:
                 run.cfg.validate()

@@ -147,6 +147,7 @@ class TopAFASAE(SAE):
     # synthetic data λ ∈ {0, 1/32, 1/8} all end at L0 ~88 of 256. Levels follow the reference's
     # long-run ordering, low λ (lowest L0) first.
     sweep_levels = (1 / 128, 1 / 32, 1 / 16)
+    unit_norm_decoder = True
 
     def __init__(self, cfg, device=None, dtype=torch.float32):
         super().__init__(cfg, device=device, dtype=dtype)
@@ -155,14 +156,6 @@ class TopAFASAE(SAE):
             raise ConfigError(f"--afa-coefficient must be a finite number >= 0, got {lam}")
         if self.cfg.afa.encoder_bias:
             self.b_enc = nn.Parameter(torch.zeros(self.d_sae, device=device, dtype=dtype))
-
-    @property
-    def unit_norm_decoder(self) -> bool:
-        return True
-
-    @property
-    def k_aux(self) -> int:
-        return self.cfg.topk.aux_k or self.d_in // 2
 
     @torch.no_grad()
     def reset_parameters(self, generator: torch.Generator | None = None) -> None:

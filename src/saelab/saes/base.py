@@ -119,10 +119,15 @@ class SAE(nn.Module):
     def d_sae(self) -> int:
         return self.cfg.d_sae
 
+    #: True if training keeps decoder rows at unit norm (N1); a family whose answer depends on
+    #: its config overrides this with a property.
+    unit_norm_decoder: bool = False
+
     @property
-    def unit_norm_decoder(self) -> bool:
-        """True if training keeps decoder rows at unit norm (N1)."""
-        return False
+    def k_aux(self) -> int:
+        """How many dead latents AuxK (§0.6) reconstructs the residual with, for the families
+        that use it; default d_in / 2."""
+        return self.cfg.topk.aux_k or self.d_in // 2
 
     # ---- the SAE function ------------------------------------------------------------------
     def encode(self, x_BD: Tensor) -> Tensor:

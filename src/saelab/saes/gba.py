@@ -86,6 +86,7 @@ class GBASAE(SAE):
     #: L0 follows the group targets (mostly the high-TAF groups): a decade of HTF, low to high
     sweep_param = "gba.htf"
     sweep_levels = (0.01, 0.03, 0.1)
+    unit_norm_decoder = True
 
     def __init__(self, cfg, device=None, dtype=torch.float32):
         super().__init__(cfg, device=device, dtype=dtype)
@@ -100,10 +101,6 @@ class GBASAE(SAE):
                              persistent=False)
         self.buffered_tokens = 0
         self._pending: tuple[Tensor, Tensor, int] | None = None
-
-    @property
-    def unit_norm_decoder(self) -> bool:
-        return True
 
     @property
     def taf_K(self) -> Tensor:

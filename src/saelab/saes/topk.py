@@ -65,22 +65,15 @@ class TopKSAE(SAE):
     #: are ``ReLU(π)`` (``π`` if ``signed``) at their entries; a family whose training values are
     #: anything else (noise, rescaling) sets this False or overrides ``loss``.
     sparse_encoder_grad: ClassVar[bool] = True
+    unit_norm_decoder = True
 
     def __init__(self, cfg, device=None, dtype=torch.float32):
         super().__init__(cfg, device=device, dtype=dtype)
         self.b_enc = nn.Parameter(torch.zeros(self.d_sae, device=device, dtype=dtype))
 
     @property
-    def unit_norm_decoder(self) -> bool:
-        return True
-
-    @property
     def k(self) -> int:
         return self.cfg.topk.k
-
-    @property
-    def k_aux(self) -> int:
-        return self.cfg.topk.aux_k or self.d_in // 2
 
     @torch.no_grad()
     def reset_parameters(self, generator: torch.Generator | None = None) -> None:
