@@ -53,6 +53,22 @@ def test_train_writes_a_complete_run(tiny, tmp_path, capsys):
     assert sae(x).recon.shape == (5, sae.d_in) and sae.encode(x).shape == (5, 32)
 
 
+def test_cached_store_holds_budget_over_store_passes(tiny, tmp_path):
+    from saelab.data.store import ActivationStore
+
+    def cached_rows() -> list[int]:
+        paths = sorted((tmp_path / "cache" / "stores").glob("*/manifest.json"))
+        return sorted(ActivationStore.open(p.parent).num_rows for p in paths)
+
+    assert main(train_args(tiny, tmp_path / "a", "--skip-ce")) == 0
+    assert cached_rows() == [3072 // 4]  # default: 4 passes over the store
+    assert main(train_args(tiny, tmp_path / "b", "--skip-ce", "--store-passes", "1.5")) == 0
+    assert cached_rows() == [768, 2048]
+    assert main(train_args(tiny, tmp_path / "c", "--skip-ce", "--harvest-tokens", "900",
+                           "--store-passes", "3")) == 0  # an explicit row count wins
+    assert cached_rows() == [768, 900, 2048]
+
+
 def test_existing_run_is_refused_then_overwritten(tiny, tmp_path, capsys):
     out = tmp_path / "run"
     assert main(train_args(tiny, out, "--tokens", "1024")) == 0
@@ -113,6 +129,7 @@ def test_eval_verb_rewrites_metrics(tiny, tmp_path, capsys):
     (["--hook", "blocks.1.hook_nope"], "unknown hook"),
     (["--l1-coefficient", "-1"], "--l1-coefficient"),
     (["--d-sae", "0"], "width"),
+    (["--store-passes", "0.5"], "--store-passes"),
     (["--arch", "nope"], "unknown architecture 'nope'"),
     (["--arch", "jumprelu", "--jumprelu-bandwidth", "0"], "--jumprelu-bandwidth"),
     (["--model", "no-such-org/no-such-model-xyz"], "cannot load model"),

@@ -184,6 +184,10 @@ class TopKOptions:
     aux_scale_by_dead: bool = opt(
         False, "Scale AuxK by min(n_dead / k_aux, 1) (the sparsify variant, §0.6).")
     multi_topk: bool = opt(False, "topk only: add the Multi-TopK term L(4k)/8 (§4.2).")
+    encoder_init_scale: float = opt(
+        1.0, "W_enc = scale x W_dec^T at init (tied init, §4.4, is 1: unit-norm encoder "
+        "columns). [U] knob: a larger encoder can help batch-level selection (batchtopk and "
+        "the choice families) early in training, see README Results.")
     threshold_beta: float = opt(
         0.999, "EMA factor of the inference threshold of batchtopk / mutual_choice / "
         "matryoshka / feature_choice (§4.8, §6.5); a running mean until 1/(1-beta) estimates.")
@@ -387,6 +391,9 @@ class SAEConfig:
             raise ConfigError(f"--k must be at least 1, got {t.k}")
         if t.k > self.d_sae:
             raise ConfigError(f"--k ({t.k}) cannot exceed --d-sae ({self.d_sae})")
+        if not (t.encoder_init_scale > 0 and math.isfinite(t.encoder_init_scale)):
+            raise ConfigError(f"--encoder-init-scale must be a positive number, got "
+                              f"{t.encoder_init_scale}")
         if t.aux_k < 0 or t.aux_coefficient < 0:
             raise ConfigError("--aux-k and --aux-coefficient must be >= 0")
         if not 0 <= t.threshold_beta < 1 or not 0 <= t.threshold_start_fraction < 1:

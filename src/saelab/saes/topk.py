@@ -78,6 +78,7 @@ class TopKSAE(SAE):
     @torch.no_grad()
     def reset_parameters(self, generator: torch.Generator | None = None) -> None:
         self.init_tied_(generator, row_norm=1.0)
+        self.W_enc.mul_(self.cfg.topk.encoder_init_scale)
         self.b_enc.zero_()
         self.b_dec.zero_()
 
