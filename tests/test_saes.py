@@ -197,3 +197,22 @@ def test_b_dec_init_default_is_per_family():
     forced = build_sae(SAEConfig(architecture="topafa", d_in=D, d_sae=F, b_dec_init="mean"))
     forced.init_from_data(x)
     torch.testing.assert_close(forced.b_dec, x.mean(0))
+
+
+@pytest.mark.parametrize("arch", ["topk", "batchtopk", "feature_choice"])
+def test_encoder_init_scale_scales_the_tied_encoder(arch):
+    from saelab.config import TopKOptions
+
+    def config(scale):
+        return SAEConfig(architecture=arch, d_in=8, d_sae=16,
+                         topk=TopKOptions(k=2, encoder_init_scale=scale))
+
+    def build(scale):
+        return build_sae(config(scale), generator=torch.Generator().manual_seed(0))
+
+    plain, small = build(1.0), build(0.25)
+    assert torch.equal(plain.W_dec, small.W_dec)  # the decoder is untouched
+    torch.testing.assert_close(plain.W_enc, plain.W_dec.T)
+    torch.testing.assert_close(small.W_enc, 0.25 * small.W_dec.T)
+    with pytest.raises(ConfigError, match="--encoder-init-scale"):
+        config(0.0).validate()
