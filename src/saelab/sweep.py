@@ -25,11 +25,18 @@ import shutil
 import time
 import typing
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field, is_dataclass
+from dataclasses import asdict, dataclass, field, fields, is_dataclass
 from pathlib import Path
 from typing import Any
 
-from saelab.config import RunConfig, SAEConfig, SweepConfig, from_dict, set_dotted
+from saelab.config import (
+    PipelineConfig,
+    RunConfig,
+    SAEConfig,
+    SweepConfig,
+    from_dict,
+    set_dotted,
+)
 from saelab.errors import ConfigError, RunFolderError
 from saelab.fsutil import atomic_write_bytes, atomic_write_json
 
@@ -129,10 +136,10 @@ def plan_runs(cfg: SweepConfig) -> list[SweepRun]:
             if _field_type(SAEConfig, cls.sweep_param) is float:
                 value = float(value)  # a None default (family's choice) is a float knob
             level = set_dotted(sae, cls.sweep_param, value)
+            # every setting train and sweep share, with this run's SAE and the sweep's rows
+            shared = {f.name: copy.deepcopy(getattr(cfg, f.name)) for f in fields(PipelineConfig)}
             run = SweepRun(family, cls.sweep_param, level, RunConfig(
-                model=copy.deepcopy(cfg.model), data=copy.deepcopy(cfg.data), sae=sae,
-                train=copy.deepcopy(cfg.train), eval=copy.deepcopy(cfg.eval), out="",
-                store=cfg.store, harvest_tokens=cfg.harvest_rows(), skip_ce=cfg.skip_ce))
+                **{**shared, "sae": sae, "out": "", "harvest_tokens": cfg.harvest_rows()}))
             run.cfg.out = str(Path(cfg.out) / RUNS / run.name)
             try:
                 run.cfg.validate()
