@@ -10,6 +10,7 @@ import json
 import sys
 from pathlib import Path
 
+from saelab.analysis.registry import analyses
 from saelab.cliargs import add_dataclass_args, build, given
 from saelab.config import EvalConfig, HarvestConfig, RunConfig
 from saelab.errors import SaelabError
@@ -47,7 +48,21 @@ def _parser() -> argparse.ArgumentParser:
     _add_sweep_parser(sub)
     _add_synth_parser(sub)
     sub.add_parser("archs", help="list SAE architectures")
+    _add_analysis_parsers(sub)
     return p
+
+
+def _add_analysis_parsers(sub) -> None:
+    """One verb per registered analysis plug-in, its flags from the analysis config."""
+    for a in analyses().values():
+        ap = sub.add_parser(a.verb, help=a.help, description=a.help)
+        if a.positional:
+            ap.add_argument("runs", nargs="+", metavar=a.positional,
+                            help="run folders written by `saelab train` (or SAE folders)")
+        ap.add_argument("--out", dest="analysis_out", required=True, metavar="DIR",
+                        help="folder to write the analysis outputs to")
+        add_dataclass_args(ap, a.config)
+        ap.add_argument("--quiet", action="store_true", help="no progress bars")
 
 
 def _add_synth_parser(sub) -> None:
@@ -166,6 +181,15 @@ def _dispatch(args: argparse.Namespace) -> int:
         print(synth_table(res))
         print(f"\nresults: {res.path}")
         return 1 if res.failed else 0
+    if args.verb in analyses():
+        a = analyses()[args.verb]
+        acfg = build(a.config, args)
+        if hasattr(acfg, "validate"):
+            acfg.validate()
+        result = a.run(acfg, [Path(r) for r in getattr(args, "runs", [])],
+                       Path(args.analysis_out), progress)
+        print(a.summary(result))
+        return 0
     raise AssertionError(args.verb)
 
 
