@@ -40,12 +40,13 @@ def _dead_idx(d_sae: int, fraction: float) -> torch.Tensor:
 
 # ---- saelab -----------------------------------------------------------------------------------
 def saelab_step(arch: str, rows: torch.Tensor, batch: int, dead_fraction: float):
-    from saelab.config import SAEConfig, TopKOptions, TrainConfig
-    from saelab.saes.registry import build_sae
+    from saelab.config import SAEConfig, TrainConfig
+    from saelab.saes.registry import build_sae, with_family
     from saelab.train.trainer import Trainer
 
-    sae = build_sae(SAEConfig(architecture=arch, d_in=rows.shape[1], d_sae=D_SAE,
-                              topk=TopKOptions(k=K)))
+    # k applies to the families that have one (relu / gated have none)
+    sae = build_sae(with_family(SAEConfig(architecture=arch, d_in=rows.shape[1], d_sae=D_SAE,
+                                          options={"k": K}), strict=False))
     sae.init_from_data(rows[:batch])
     tr = Trainer(sae, TrainConfig(tokens=batch * 10**6, batch_size=batch, log_every=10**9,
                                   checkpoint_every=0), progress=False)

@@ -1,85 +1,135 @@
-"""Harvest throughput against the full-model forward on the same tokens (named baseline).
+"""Harvest throughput: fp32 vs bf16, against the bare truncated forward; multi-hook vs separate.
 
-    .venv/bin/python benchmarks/harvest.py [--windows 96] [--hook blocks.12.hook_resid_post]
+    .venv/bin/python benchmarks/harvest.py [--windows 48] [--hook blocks.12.hook_resid_post]
+                                           [--device auto] [--json OUT.json]
 
-Both sides run the embedded SmolLM2-135M-Instruct in the same dtype on the same windows, and
-both read and tokenise the corpus inside the timed region. "harvest" is the real `saelab.harvest` path (truncated forward + keep mask + outlier
-filter + shard writing with checksums) into a temporary store; the baseline is a plain
-`model(ids)` full forward, which is what a harvester that does not stop at the hook pays.
+On the embedded SmolLM2-135M-Instruct, on the same corpus windows (every timed side reads and
+tokenises the corpus itself, as the harvest does):
+
+1. ``bf16 micro-benchmark``: the cached verdict ``--model-dtype auto`` uses (fp32/bf16 matmul).
+2. For fp32 and bf16: the real ``saelab.harvest`` path (truncated forward + keep mask + outlier
+   filter + checksummed shard writes) against the bare truncated forward (``run_to_hooks`` on
+   the same batches, nothing kept): the harvest's overhead, target >= 90% of the bare speed.
+3. Clean next-token CE on ``--ce-windows`` held-out windows, fp32 vs bf16 (full forward).
+4. ``--hook`` at 4 depths in one pass (``harvest_hooks``) against 4 separate harvests.
+
+Numbers depend on the machine; the ratios are the point.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import tempfile
 import time
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
+
+from saelab.config import DataConfig, HarvestConfig, ModelConfig
+from saelab.data.corpus import iter_documents
+from saelab.data.windows import batch_windows, iter_windows
+from saelab.harvest import harvest, harvest_hooks, run_to_hooks
+from saelab.models.hooks import parse_hook
+from saelab.models.loading import load_model
+from saelab.runtime import bf16_speedup, resolve_device, tune_malloc
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--windows", type=int, default=96)
+    ap.add_argument("--windows", type=int, default=48)
     ap.add_argument("--hook", default="blocks.12.hook_resid_post")
-    ap.add_argument("--model-dtype", default="auto")
     ap.add_argument("--batch", type=int, default=16)
+    ap.add_argument("--device", default="auto")
+    ap.add_argument("--ce-windows", type=int, default=16)
+    ap.add_argument("--skip-multi", action="store_true")
+    ap.add_argument("--json", default="", help="also write the figures to this JSON file")
     args = ap.parse_args()
-
-    from saelab.config import DataConfig, HarvestConfig, ModelConfig
-    from saelab.data.corpus import iter_documents
-    from saelab.data.windows import iter_windows
-    from saelab.harvest import harvest
-    from saelab.models.loading import load_model
-    from saelab.runtime import tune_malloc
-
     tune_malloc()
-    mcfg = ModelConfig(hook=args.hook, model_dtype=args.model_dtype)
-    lm = load_model(mcfg)
+    device = resolve_device(args.device)
     data = DataConfig()
+    hook = parse_hook(args.hook)
+    res: dict = {"device": str(device), "threads": torch.get_num_threads(),
+                 "windows": args.windows, "hook": hook.name,
+                 "bf16_matmul_speedup": round(bf16_speedup(device), 2)}
+    print(f"device {device}, {torch.get_num_threads()} threads, {args.windows} windows x "
+          f"{data.context_size} tokens, hook {hook.name}")
+    print(f"bf16 micro-benchmark: bf16 matmul {res['bf16_matmul_speedup']:.2f}x fp32 "
+          f"-> auto picks {'bfloat16' if res['bf16_matmul_speedup'] >= 1.3 else 'float32'}")
+    rows = int(0.9 * args.windows * (data.context_size - 1))  # stops inside the windows
 
-    def corpus_windows(n: int) -> torch.Tensor:
-        """The first ``n`` windows of the corpus, read and tokenised as the harvest does."""
-        windows = []
-        for w in iter_windows(iter_documents(data, "train"), lm.tokenizer, data.context_size,
-                              data.prepend_bos):
-            windows.append(w)
-            if len(windows) == n:
-                break
-        return torch.stack(windows)
-
-    def real_harvest() -> tuple[float, int]:
+    def run_harvest(mcfg: ModelConfig, lm, hooks: list[str]) -> float:
         with tempfile.TemporaryDirectory() as tmp:
-            # The harvest walks the same corpus from its start, so it sees the same windows;
-            # ask for slightly fewer rows than they hold so it stops inside them.
-            rows = int(0.9 * args.windows * (data.context_size - 1))
             cfg = HarvestConfig(model=mcfg, data=data, store=str(Path(tmp) / "s"), tokens=rows,
-                                lm_batch_size=args.batch)
+                                lm_batch_size=args.batch, hooks=hooks)
             t0 = time.perf_counter()
-            store = harvest(cfg, progress=False, lm=lm)
-            return time.perf_counter() - t0, store.num_windows
+            if len(hooks) > 1:
+                harvest_hooks(cfg, progress=False, lm=lm)
+            else:
+                harvest(cfg, progress=False, lm=lm)
+            return time.perf_counter() - t0
 
-    def full_forward(n_win: int) -> float:
-        # Same work before the LM as the harvest (corpus -> windows), so the ratio is the LM's.
+    def bare_forward(lm, n_win: int) -> float:
         t0 = time.perf_counter()
-        ids_NT = corpus_windows(n_win)
+        windows = iter_windows(iter_documents(data, "train"), lm.tokenizer, data.context_size,
+                               data.prepend_bos)
+        done = 0
         with torch.inference_mode():
-            for i in range(0, n_win, args.batch):
-                lm.model(ids_NT[i:min(n_win, i + args.batch)].to(lm.device), use_cache=False)
+            for ids_BT in batch_windows(windows, args.batch):
+                run_to_hooks(lm.model, ids_BT.to(lm.device), [hook])
+                done += len(ids_BT)
+                if done >= n_win:
+                    break
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
         return time.perf_counter() - t0
 
-    real_harvest()  # warm-up (allocator, kernels, tokenizer)
-    t_harv, n_win = min(real_harvest() for _ in range(2))
-    # the harvest forwards whole LM batches and keeps the rows it needs: count what it ran
-    n_win = -(-n_win // args.batch) * args.batch
-    t_full = min(full_forward(n_win) for _ in range(2))
+    def clean_ce(lm) -> float:
+        windows = iter_windows(iter_documents(data, "eval"), lm.tokenizer, data.context_size,
+                               data.prepend_bos)
+        ids = torch.stack([w for _, w in zip(range(args.ce_windows), windows, strict=False)])
+        total, n = 0.0, 0
+        with torch.inference_mode():
+            for i in range(0, len(ids), args.batch):
+                ids_BT = ids[i : i + args.batch].to(lm.device)
+                logits = lm.model(input_ids=ids_BT, use_cache=False).logits.float()
+                total += float(F.cross_entropy(logits[:, :-1].flatten(0, 1),
+                                               ids_BT[:, 1:].flatten(), reduction="sum"))
+                n += ids_BT[:, 1:].numel()
+        return total / n
+
+    n_win = -(-args.windows // args.batch) * args.batch
     n_tokens = n_win * data.context_size
-    full_tps, harv_tps = n_tokens / t_full, n_tokens / t_harv
-    print(f"model SmolLM2-135M-Instruct ({lm.dtype}), hook {args.hook}, "
-          f"{torch.get_num_threads()} threads, {n_win} windows x {data.context_size} tokens")
-    print(f"baseline  full-model forward   {full_tps:9,.0f} tokens/s")
-    print(f"saelab    harvest (to store)   {harv_tps:9,.0f} tokens/s   "
-          f"ratio {harv_tps / full_tps:.2f}x")
+    for dtype in ("float32", "bfloat16"):
+        mcfg = ModelConfig(hook=hook.name, model_dtype=dtype, device=str(device))
+        lm = load_model(mcfg)
+        run_harvest(mcfg, lm, [hook.name])  # warm-up: allocator, kernels, tokenizer
+        t_h = min(run_harvest(mcfg, lm, [hook.name]) for _ in range(2))
+        t_b = min(bare_forward(lm, n_win) for _ in range(2))
+        ce = clean_ce(lm)
+        res[dtype] = {"harvest_tokens_per_s": n_tokens / t_h, "bare_tokens_per_s": n_tokens / t_b,
+                      "harvest_vs_bare": t_b / t_h, "clean_ce": ce}
+        print(f"{dtype:9s} harvest {n_tokens / t_h:8,.0f} tok/s   bare truncated forward "
+              f"{n_tokens / t_b:8,.0f} tok/s   harvest/bare {t_b / t_h:6.1%}   clean CE "
+              f"{ce:.4f} nats ({args.ce_windows} held-out windows)")
+        if dtype == "float32" and not args.skip_multi:
+            layers = [max(0, hook.layer * k // 4) for k in (1, 2, 3, 4)]
+            hooks = [f"blocks.{L}.hook_resid_post" for L in layers]
+            t_one = run_harvest(mcfg, lm, hooks)
+            t_sep = sum(run_harvest(mcfg, lm, [h]) for h in hooks)
+            res["multi_hook"] = {"hooks": hooks, "one_pass_s": t_one, "separate_s": t_sep,
+                                 "speedup": t_sep / t_one}
+            print(f"{len(hooks)} hooks ({', '.join(map(str, layers))}): one pass {t_one:.1f} s, "
+                  f"{len(hooks)} separate harvests {t_sep:.1f} s -> {t_sep / t_one:.2f}x")
+        del lm
+    f32, b16 = res["float32"], res["bfloat16"]
+    res["bf16_harvest_speedup"] = b16["harvest_tokens_per_s"] / f32["harvest_tokens_per_s"]
+    res["bf16_clean_ce_delta"] = b16["clean_ce"] - f32["clean_ce"]
+    print(f"bf16 / fp32 harvest speed {res['bf16_harvest_speedup']:.2f}x, clean CE change "
+          f"{res['bf16_clean_ce_delta']:+.4f} nats")
+    if args.json:
+        Path(args.json).write_text(json.dumps(res, indent=2) + "\n")
 
 
 if __name__ == "__main__":

@@ -7,15 +7,15 @@ import torch
 
 import saelab.io as sio
 from saelab.config import SAEConfig, TrainConfig
-from saelab.saes.afa import (
+from saelab.saes.registry import build_sae
+from saelab.saes.sparse import auxk_loss, normalized_mse
+from saelab.saes.topafa import (
     afa_norm_bounds,
     coherence,
     epsilon_lbo,
     sae_zf_norms,
     zf_norms,
 )
-from saelab.saes.registry import build_sae
-from saelab.saes.sparse import auxk_loss, normalized_mse
 from saelab.train.trainer import Trainer
 
 D, F, B = 16, 48, 128
@@ -30,9 +30,7 @@ def randn(*shape, seed=0):
 
 def make(seed=0, d_in=D, d_sae=F, **afa):
     g = torch.Generator().manual_seed(seed)
-    cfg = SAEConfig(architecture="topafa", d_in=d_in, d_sae=d_sae)
-    for key, value in afa.items():
-        setattr(cfg.afa, key, value)
+    cfg = SAEConfig(architecture="topafa", d_in=d_in, d_sae=d_sae, options=afa)
     sae = build_sae(cfg, generator=g)
     with torch.no_grad():
         sae.b_dec.copy_(0.3 * torch.randn(d_in, generator=g))

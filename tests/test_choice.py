@@ -6,9 +6,9 @@ import json
 import pytest
 import torch
 
-from saelab.config import ChoiceOptions, SAEConfig, TopKOptions, TrainConfig
+from saelab.config import SAEConfig, TrainConfig
 from saelab.errors import ConfigError
-from saelab.saes.choice import plan_buckets, rank_capacities
+from saelab.saes.feature_choice import ChoiceOptions, plan_buckets, rank_capacities
 from saelab.saes.registry import build_sae, get_family
 from saelab.saes.sparse import auxk_loss
 from saelab.train.trainer import Trainer
@@ -21,7 +21,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 def make(arch="feature_choice", seed=0, d_sae=F, k=K, topk=None, **choice):
     cfg = SAEConfig(architecture=arch, d_in=D, d_sae=d_sae,
-                    topk=TopKOptions(k=k, **(topk or {})), choice=ChoiceOptions(**choice))
+                    options=ChoiceOptions(k=k, **(topk or {}), **choice))
     return build_sae(cfg, generator=torch.Generator().manual_seed(seed))
 
 
@@ -247,8 +247,7 @@ def synthetic_batches(seed=0, start=0):
 
 
 def make_trainer(run_dir, arch, steps, **choice):
-    cfg = SAEConfig(architecture=arch, d_in=SD, d_sae=SF, topk=TopKOptions(k=4),
-                    choice=ChoiceOptions(**choice))
+    cfg = SAEConfig(architecture=arch, d_in=SD, d_sae=SF, options=ChoiceOptions(k=4, **choice))
     sae = build_sae(cfg, generator=torch.Generator().manual_seed(0))
     tcfg = TrainConfig(tokens=SB * steps, batch_size=SB, lr=3e-3, log_every=5,
                        checkpoint_every=10, lr_warmup_steps=3)
@@ -293,9 +292,9 @@ def test_resume_is_exact(tmp_path):
 def test_sweep_and_defaults():
     for arch in ("feature_choice", "mutual_choice"):
         cls = get_family(arch)
-        assert cls.sweep_param == "topk.k" and len(cls.sweep_levels) == 3
+        assert cls.sweep_param == "options.k" and len(cls.sweep_levels) == 3
         assert cls.sweep_levels == tuple(sorted(cls.sweep_levels))
-        assert hasattr(SAEConfig().topk, "k")
+        assert hasattr(cls.Options(), "k")
     assert ChoiceOptions().aux_zipf is False  # experimental: off by default
 
 
@@ -306,4 +305,4 @@ def test_bad_choice_options_are_config_errors():
         make(zipf_freq_beta=1.0)
     with pytest.raises(ConfigError):
         make("mutual_choice", zipf_fit_fraction=0.0)
-    assert dataclasses.asdict(make().cfg)["choice"]["capacity"] == "uniform"
+    assert dataclasses.asdict(make().cfg)["options"]["capacity"] == "uniform"

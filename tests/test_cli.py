@@ -10,7 +10,17 @@ import torch
 from safetensors.torch import load_file
 
 import saelab
-from saelab.cli import main
+from saelab.cli import _parser, main
+from saelab.cliargs import build
+from saelab.config import RunConfig, SweepConfig
+from saelab.errors import ConfigError
+from saelab.saes.registry import (
+    architectures,
+    check_shared_options,
+    get_family,
+    validate_sae_config,
+    with_family,
+)
 from saelab.train.trainer import Trainer
 
 HOOK = "blocks.1.hook_resid_post"
@@ -132,6 +142,8 @@ def test_eval_verb_rewrites_metrics(tiny, tmp_path, capsys):
     (["--store-passes", "0.5"], "--store-passes"),
     (["--arch", "nope"], "unknown architecture 'nope'"),
     (["--arch", "jumprelu", "--jumprelu-bandwidth", "0"], "--jumprelu-bandwidth"),
+    (["--arch", "gated", "--k", "8"], "--k is not an option of gated (it belongs to abstopk, "),
+    (["--arch", "topk", "--k", "64"], "--k (64) cannot exceed --d-sae (32)"),
     (["--model", "no-such-org/no-such-model-xyz"], "cannot load model"),
 ])
 def test_bad_input_is_one_line_and_writes_nothing(tiny, tmp_path, capsys, flags, message):
@@ -181,5 +193,59 @@ def test_nan_activations_name_shard_and_row(tiny, tmp_path, capsys):
 
 def test_archs_lists_families(capsys):
     assert main(["archs"]) == 0
-    out = capsys.readouterr().out
-    assert "gated" in out and "relu" in out and "jumprelu" in out
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].split()[:2] == ["name", "trainable"]
+    rows = {ln.split()[0]: ln for ln in lines[1:]}
+    assert set(rows) == set(architectures())
+    for name, line in rows.items():
+        assert f"saes/{name}.py" in line, line  # each family lives in the file named after it
+        assert (Path(saelab.__file__).parent / "saes" / f"{name}.py").is_file()
+    # aligned: the file column starts at the same offset on every row
+    assert len({ln.index("saes/") for ln in lines[1:]}) == 1
+    assert "options.k" in rows["topk"] and "l1_coefficient" in rows["gated"]
+
+
+def test_version(capsys):
+    with pytest.raises(SystemExit) as e:
+        main(["--version"])
+    assert e.value.code == 0
+    out = capsys.readouterr().out.strip()
+    assert out.startswith("saelab ") and len(out.split()) == 2
+
+
+def _train_cfg(*flags):
+    args = _parser().parse_args(["train", *flags])
+    cfg = build(RunConfig, args)
+    cfg.validate()
+    return validate_sae_config(cfg.sae)
+
+
+def test_family_options_go_to_the_chosen_family_only():
+    sae = _train_cfg("--arch", "gated", "--d-sae", "16")  # no k to check against d_sae
+    assert type(sae.options) is get_family("gated").Options
+    sae = _train_cfg("--arch", "matryoshka", "--k", "8", "--aux-k", "3",
+                     "--group-fractions", "1,1")
+    assert (sae.options.k, sae.options.aux_k, sae.options.group_fractions) == (8, 3, "1,1")
+    assert not hasattr(sae.options, "jumprelu_bandwidth") and not hasattr(sae.options, "bandwidth")
+    with pytest.raises(ConfigError, match=r"--group-fractions is not an option of topk \("
+                                          r"it belongs to matryoshka\)"):
+        _train_cfg("--arch", "topk", "--group-fractions", "1,1")
+
+
+def test_each_family_flag_once_in_help(capsys):
+    with pytest.raises(SystemExit):
+        main(["train", "--help"])
+    text = capsys.readouterr().out
+    for flag in ("--k ", "--aux-k ", "--jumprelu-bandwidth ", "--group-fractions ", "--htf "):
+        assert text.count(f"  {flag}") == 1, flag
+
+
+def test_sweep_flags_apply_where_the_family_has_them():
+    args = _parser().parse_args(["sweep", "--arch", "topk,relu", "--k", "8"])
+    cfg = build(SweepConfig, args)
+    assert cfg.sae.options == {"k": 8}
+    check_shared_options(cfg.sae.options, ["topk", "relu"])
+    assert with_family(cfg.sae, "topk", strict=False).options.k == 8
+    assert type(with_family(cfg.sae, "relu", strict=False).options) is get_family("relu").Options
+    with pytest.raises(ConfigError, match="--k is not an option of any family in --arch"):
+        check_shared_options(cfg.sae.options, ["relu", "gated"])

@@ -5,8 +5,8 @@ import pytest
 import torch
 
 import saelab.io as sio
-from saelab.config import GBAOptions, SAEConfig, TrainConfig
-from saelab.saes.gba import target_frequencies
+from saelab.config import SAEConfig, TrainConfig
+from saelab.saes.gba import GBAOptions, target_frequencies
 from saelab.saes.registry import build_sae
 from saelab.train.trainer import Trainer
 
@@ -17,7 +17,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def make(seed=0, d_sae=F, **gba):
-    cfg = SAEConfig(architecture="gba", d_in=D, d_sae=d_sae, gba=GBAOptions(**gba))
+    cfg = SAEConfig(architecture="gba", d_in=D, d_sae=d_sae, options=GBAOptions(**gba))
     return build_sae(cfg, generator=torch.Generator().manual_seed(seed))
 
 
@@ -179,7 +179,7 @@ def test_training_lowers_the_loss():
 
 
 def test_higher_target_frequency_gives_higher_l0():
-    """The sweep knob (gba.htf) moves L0."""
+    """The sweep knob (options.htf) moves L0."""
     x = torch.cat([next(batches(seed=7, start=i)) for i in range(8)])
 
     def l0(htf):
@@ -189,7 +189,7 @@ def test_higher_target_frequency_gives_higher_l0():
         with torch.no_grad():
             return (sae.encode(x) != 0).sum(-1).float().mean().item()
 
-    assert make().sweep_param == "gba.htf"
+    assert make().sweep_param == "options.htf"
     low, high = l0(0.01), l0(0.3)
     assert high > 1.5 * low, (low, high)
 

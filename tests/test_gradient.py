@@ -70,9 +70,8 @@ def direct_grad(model, ids_T: torch.Tensor, keep_T: torch.Tensor) -> torch.Tenso
 
 
 def gsae(beta=1.0, grad_norm="batch_mean_l2", d_in=16, d_sae=64, k=4, seed=0, **kw):
-    cfg = SAEConfig(architecture="gsae", d_in=d_in, d_sae=d_sae, **kw)
-    cfg.topk.k = k
-    cfg.gsae.beta, cfg.gsae.grad_norm = beta, grad_norm
+    cfg = SAEConfig(architecture="gsae", d_in=d_in, d_sae=d_sae,
+                    options={"k": k, "beta": beta, "grad_norm": grad_norm}, **kw)
     return build_sae(cfg, generator=torch.Generator().manual_seed(seed))
 
 
@@ -231,7 +230,7 @@ def test_beta_zero_is_topk_exactly():
     sae = gsae(beta=0.0)
     topk = build_sae(SAEConfig(architecture="topk", d_in=16, d_sae=64),
                      generator=torch.Generator().manual_seed(0))
-    topk.cfg.topk.k = 4
+    topk.cfg.options.k = 4
     topk.load_state_dict(sae.state_dict())
     x, g = xg()
     assert torch.equal(sae.encode(x, grad=g), topk.encode(x))
@@ -355,7 +354,7 @@ def run_cfg(tiny, out: Path, **kw) -> RunConfig:
         train=TrainConfig(tokens=512, batch_size=128, checkpoint_every=0, log_every=2),
         eval=EvalConfig(eval_tokens=200, ce_windows=2),
         out=str(out), **kw)
-    cfg.sae.topk.k = 4
+    cfg.sae.options = {"k": 4}
     return cfg
 
 

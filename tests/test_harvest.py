@@ -7,11 +7,12 @@ from pathlib import Path
 import pytest
 import torch
 
+import saelab.harvest as harvest_mod
 from saelab.config import DataConfig, HarvestConfig, ModelConfig
 from saelab.data import store as store_mod
 from saelab.data.store import ActivationStore
 from saelab.errors import StoreError
-from saelab.harvest import harvest
+from saelab.harvest import harvest, harvest_hooks
 
 T = 16
 
@@ -37,16 +38,16 @@ def shard_bytes(path: Path) -> dict[str, bytes]:
 
 def count_lm_windows(monkeypatch) -> dict:
     """Count windows run through the LM by harvest."""
-    import saelab.models.hooks as hooks
+    import saelab.harvest as harvest_mod
 
     seen = {"windows": 0}
-    real = hooks.run_to_hook
+    real = harvest_mod.run_to_hooks
 
-    def counting(model, ids, hook):
+    def counting(model, ids, hooks):
         seen["windows"] += len(ids)
-        return real(model, ids, hook)
+        return real(model, ids, hooks)
 
-    monkeypatch.setattr(hooks, "run_to_hook", counting)
+    monkeypatch.setattr(harvest_mod, "run_to_hooks", counting)
     return seen
 
 
@@ -115,6 +116,7 @@ def test_reuse_complete_store_does_no_lm_work(tiny, tmp_path, monkeypatch):
         raise AssertionError("the model was loaded")
 
     monkeypatch.setattr(loading, "load_model", boom)
+    monkeypatch.setattr(harvest_mod, "load_model", boom)
     again = harvest(make_cfg(tiny, tmp_path / "s", tokens=150), progress=False)
     assert again.num_rows == first.num_rows == 200
     assert shard_bytes(again.path) == shard_bytes(first.path)
@@ -155,3 +157,79 @@ def test_refuses_other_settings_and_foreign_folders(tiny, tmp_path):
     assert (tmp_path / "mine" / "thesis.tex").read_text() == "precious"
     (tmp_path / "empty").mkdir()  # an existing empty folder is fine
     assert harvest(make_cfg(tiny, tmp_path / "empty", tokens=50), progress=False).complete
+
+
+def test_damaged_complete_store_is_verified_and_repaired(tiny, tmp_path, monkeypatch):
+    cfg = make_cfg(tiny, tmp_path / "s", tokens=400)
+    ref = harvest(cfg, progress=False)
+    good = shard_bytes(ref.path)
+    victim = ref.path / ref.shards[2].file
+    data = bytearray(victim.read_bytes())
+    data[-5] ^= 0xFF  # same size, wrong bytes: only the checksum can tell
+    victim.write_bytes(bytes(data))
+    seen = count_lm_windows(monkeypatch)
+    with pytest.warns(UserWarning, match="damaged shard.*shard_00002"):
+        store = harvest(cfg, progress=False)
+    assert shard_bytes(store.path) == good
+    store.verify()
+    # only the windows from the damaged shard on ran again (plus one batch for alignment)
+    assert 0 < seen["windows"] <= ref.num_windows - ref.shards[2].window_start + 4
+
+
+def _rows(store: ActivationStore) -> dict[tuple[int, int], torch.Tensor]:
+    out = {}
+    for i in range(len(store.shards)):
+        t = store.read_shard(i)
+        for w, p, a in zip(t["window"].tolist(), t["pos"].tolist(), t["acts"], strict=True):
+            out[(w, p)] = a
+    return out
+
+
+HOOKS = ["blocks.2.hook_resid_post", "blocks.0.hook_mlp_out", "attn_out.1"]
+LONG = ["blocks.2.hook_resid_post", "blocks.0.hook_mlp_out", "blocks.1.hook_attn_out"]
+
+
+@pytest.mark.parametrize("outliers", [0.0, 1.3])
+def test_multi_hook_harvest_one_forward_aligned_rows(tiny, tmp_path, monkeypatch, outliers):
+    def cfg_for(out, hooks):
+        c = make_cfg(tiny, out, tokens=300, hooks=hooks)
+        c.data.exclude_norm_outliers = outliers
+        return c
+
+    seen = count_lm_windows(monkeypatch)
+    calls = []
+    real = harvest_mod.run_to_hooks
+    monkeypatch.setattr(harvest_mod, "run_to_hooks",
+                        lambda m, ids, hooks: calls.append([h.name for h in hooks])
+                        or real(m, ids, hooks))
+    stores = harvest_hooks(cfg_for(tmp_path / "multi", HOOKS), progress=False)
+    assert list(stores) == LONG
+    # one forward per batch for all three hooks, in depth order (it stops at the deepest)
+    assert calls and all(c == [LONG[1], LONG[2], LONG[0]] for c in calls)
+    n_forward = seen["windows"]
+    assert {s.path for s in stores.values()} == {tmp_path / "multi" / n for n in LONG}
+    keys = [sorted(_rows(s)) for s in stores.values()]
+    assert keys[0] == keys[1] == keys[2]  # rows align by (window, position)
+    singles = {n: harvest(cfg_for(tmp_path / n, [n]), progress=False) for n in LONG}
+    assert seen["windows"] > n_forward  # the single harvests forwarded again
+    for n in LONG:
+        multi, single = _rows(stores[n]), _rows(singles[n])
+        if outliers == 0:
+            assert sorted(multi) == sorted(single)
+        else:  # a row survives only if it is no outlier at any hook (compared on the windows
+            # every store holds whole: the 300-row budget ends each store at another window)
+            last = min(s.num_windows for s in [*singles.values(), stores[n]]) - 1
+            def whole(keys, last=last):
+                return {k for k in keys if k[0] < last}
+
+            expect = set.intersection(*(whole(_rows(s)) for s in singles.values()))
+            assert whole(multi) == expect and len(expect) < len(whole(single))
+        for key, a in multi.items():
+            if key in single:
+                assert torch.equal(a, single[key]), (n, key)
+    if outliers:
+        assert stores[LONG[0]].manifest["outlier_hooks"] == ",".join(LONG)
+    # a rerun reuses every store without touching the LM
+    before = seen["windows"]
+    again = harvest_hooks(cfg_for(tmp_path / "multi", HOOKS), progress=False)
+    assert seen["windows"] == before and list(again) == LONG

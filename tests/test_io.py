@@ -415,7 +415,7 @@ def test_saelens_topk_options_are_checked(tmp_path):
                "W_dec": torch.randn(D_SAE, D_IN, generator=g), "b_dec": torch.zeros(D_IN)}
     base = {"architecture": "topk", "d_in": D_IN, "d_sae": D_SAE, "dtype": "float32"}
     ok = sio.load_sae(_write_folder(tmp_path / "ok", {**base, "k": 3}, tensors))
-    assert ok.cfg.topk.k == 3 and ((ok.encode(_x()) != 0).sum(1) <= 3).all()
+    assert ok.cfg.options.k == 3 and ((ok.encode(_x()) != 0).sum(1) <= 3).all()
     with pytest.raises(SAEFormatError, match="positive integer k"):
         sio.load_sae(_write_folder(tmp_path / "nok", base, tensors))
     with pytest.raises(SAEFormatError, match="rescale_acts_by_decoder_norm"):

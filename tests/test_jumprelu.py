@@ -6,10 +6,16 @@ from __future__ import annotations
 import pytest
 import torch
 
-from saelab.config import JumpReLUOptions, SAEConfig, TrainConfig
+from saelab.config import SAEConfig, TrainConfig
 from saelab.errors import ConfigError
-from saelab.saes.jumprelu import THRESHOLD_FLOOR, JumpReLUFunction, JumpReLUSAE, StepCount
-from saelab.saes.registry import architectures, build_sae, get_family
+from saelab.saes.jumprelu import (
+    THRESHOLD_FLOOR,
+    JumpReLUFunction,
+    JumpReLUOptions,
+    JumpReLUSAE,
+    StepCount,
+)
+from saelab.saes.registry import architectures, build_sae, get_family, validate_sae_config
 from saelab.train.trainer import Trainer
 
 D_IN, D_SAE = 12, 48
@@ -104,7 +110,7 @@ def test_registry_defaults_and_init():
 def test_default_lambda_depends_on_sparsity_loss():
     def lam(loss):
         cfg = SAEConfig(architecture="jumprelu", d_in=D_IN, d_sae=D_SAE,
-                        jumprelu=JumpReLUOptions(sparsity_loss=loss))
+                        options=JumpReLUOptions(sparsity_loss=loss))
         return build_sae(cfg).cfg.l1_coefficient
 
     assert lam("target_l0") == 1.0  # dictionary_learning's coefficient [C]
@@ -117,16 +123,16 @@ def test_default_lambda_depends_on_sparsity_loss():
                                   {"bandwidth": -1.0}, {"pre_act_coefficient": -1.0}])
 def test_bad_options_are_config_errors(opts):
     cfg = SAEConfig(architecture="jumprelu", d_in=D_IN, d_sae=D_SAE,
-                    jumprelu=JumpReLUOptions(**opts))
+                    options=JumpReLUOptions(**opts))
     with pytest.raises(ConfigError):
-        cfg.validate()
+        validate_sae_config(cfg)
     with pytest.raises(ConfigError):
         build_sae(cfg)
 
 
 def test_init_threshold_option():
     cfg = SAEConfig(architecture="jumprelu", d_in=D_IN, d_sae=D_SAE,
-                    jumprelu=JumpReLUOptions(init_threshold=0.05))
+                    options=JumpReLUOptions(init_threshold=0.05))
     assert torch.all(build_sae(cfg).threshold == 0.05)
 
 
@@ -278,7 +284,7 @@ def _sparse_batches(seed: int = 0):
 def _train(steps: int, lam: float | None, lr: float | None = None,
            **opts) -> tuple[JumpReLUSAE, dict, dict]:
     cfg = SAEConfig(architecture="jumprelu", d_in=D, d_sae=F, l1_coefficient=lam,
-                    jumprelu=JumpReLUOptions(**opts))
+                    options=JumpReLUOptions(**opts))
     sae = build_sae(cfg, generator=torch.Generator().manual_seed(0))
     x = next(_sparse_batches(seed=99))
     sae.init_from_data(x)
@@ -330,7 +336,7 @@ def test_tanh_variant_trains_with_pre_act_loss():
 
 def test_pre_act_loss_only_touches_dead_latents():
     sae = _sae(seed=6)
-    sae.cfg.jumprelu.pre_act_coefficient = 1.0
+    sae.cfg.options.pre_act_coefficient = 1.0
     x = _x()
     dead = torch.zeros(D_SAE, dtype=torch.bool)
     dead[:5] = True

@@ -22,9 +22,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 def make(seed=0, groups=GROUPS, include_b_dec=True):
     g = torch.Generator().manual_seed(seed)
     cfg = SAEConfig(architecture="matryoshka", d_in=D, d_sae=F)
-    cfg.topk.k = K
-    cfg.matryoshka.group_fractions = groups
-    cfg.matryoshka.include_b_dec_term = include_b_dec
+    cfg.options = {"k": K, "group_fractions": groups, "include_b_dec_term": include_b_dec}
     sae = build_sae(cfg, generator=g)
     with torch.no_grad():
         sae.b_enc.copy_(0.1 * torch.randn(F, generator=g))
@@ -100,14 +98,14 @@ def test_auxk_uses_the_full_dictionary_residual():
     assert out.terms["auxk"] > 0
     torch.testing.assert_close(out.terms["auxk"], expected)
     torch.testing.assert_close(
-        out.total, out.terms["matryoshka"] + sae.cfg.topk.aux_coefficient * expected)
+        out.total, out.terms["matryoshka"] + sae.cfg.options.aux_coefficient * expected)
 
 
 @pytest.fixture(scope="module")
 def trained():
     torch.manual_seed(0)
     sae = make(seed=1)
-    sae.cfg.topk.threshold_beta = 0.9  # a short run: let the EMA threshold follow the code
+    sae.cfg.options.threshold_beta = 0.9  # a short run: let the EMA threshold follow the code
     sae.init_from_data(torch.cat([next(batches(seed=7)) for _ in range(4)]))
     tr = Trainer(sae, TrainConfig(tokens=B * 150, batch_size=B, lr=3e-3, lr_warmup_steps=10,
                                   log_every=50), progress=False)

@@ -262,3 +262,49 @@ def test_embedded_model():
     assert out.loss.item() < 4.0
     acts_BTD = run_to_hook(lm.model, x, "resid_post.12")
     torch.testing.assert_close(acts_BTD, out.hidden_states[13], rtol=0, atol=0)
+
+
+@pytest.mark.slow
+def test_gemma3_270m():
+    """The second embedded model: shape, clean CE on plain English, and the sandwich-norm hooks
+    (attn_out / mlp_out are what each sublayer adds to the residual stream)."""
+    from saelab.data.windows import bos_id
+    from saelab.models.loading import load_model
+
+    try:
+        lm = load_model(ModelConfig(model="gemma3-270m", device="cpu", model_dtype="float32"))
+    except ModelNotAvailableError as e:
+        pytest.skip(str(e))
+    assert (lm.name, lm.n_layers, lm.d_model) == ("gemma-3-270m", 18, 640)
+    assert type(lm.model).__name__ == "Gemma3ForCausalLM"
+    tok = lm.tokenizer
+    text = "The capital of France is Paris. It is known for the Eiffel Tower and its museums."
+    x = torch.tensor([[bos_id(tok)] + tok(text, add_special_tokens=False).input_ids])
+    with torch.no_grad():
+        out = lm.model(input_ids=x, labels=x, output_hidden_states=True, use_cache=False)
+    assert out.loss.item() < 4.0
+    L = 5
+    block = find_blocks(lm.model)[L]
+    assert hook_module(lm.model, f"attn_out.{L}") is block.post_attention_layernorm
+    assert hook_module(lm.model, f"mlp_out.{L}") is block.post_feedforward_layernorm
+    with capture(lm.model, f"attn_out.{L}") as a, capture(lm.model, f"mlp_out.{L}") as m, \
+            torch.no_grad():
+        lm.model(input_ids=x, use_cache=False)
+    pre, post = out.hidden_states[L], out.hidden_states[L + 1]
+    torch.testing.assert_close(pre + a.acts + m.acts, post, rtol=1e-4, atol=1e-3)
+    torch.testing.assert_close(run_to_hook(lm.model, x, f"resid_post.{L}"), post)
+
+
+def test_sandwich_norm_hooks_on_a_tiny_gemma3():
+    from transformers import Gemma3ForCausalLM, Gemma3TextConfig
+
+    cfg = Gemma3TextConfig(vocab_size=64, hidden_size=32, intermediate_size=64,
+                           num_hidden_layers=3, num_attention_heads=2, num_key_value_heads=1,
+                           head_dim=16, sliding_window=8)
+    torch.manual_seed(0)
+    model = Gemma3ForCausalLM(cfg).eval()
+    x = torch.randint(0, 64, (2, 9))
+    # layer 1 of 3: hidden_states of the last layer are after the final norm
+    with capture(model, "attn_out.1") as a, capture(model, "mlp_out.1") as m, torch.no_grad():
+        out = model(input_ids=x, output_hidden_states=True, use_cache=False)
+    torch.testing.assert_close(out.hidden_states[1] + a.acts + m.acts, out.hidden_states[2])

@@ -5,7 +5,7 @@ import torch
 
 from saelab.config import SAEConfig
 from saelab.errors import ConfigError
-from saelab.saes.registry import architectures, build_sae
+from saelab.saes.registry import architectures, build_sae, validate_sae_config
 
 D, F = 16, 48
 
@@ -175,7 +175,7 @@ def test_threshold_estimate_is_running_mean_then_ema():
     # §4.8 estimator: a running mean of the per-batch estimates until 1/(1-β) of them, then an
     # EMA with β (a bare EMA would stay near its first value in short runs).
     sae = build_sae(SAEConfig(architecture="batchtopk", d_in=D, d_sae=F,
-                              topk={"threshold_beta": 0.75}))
+                              options={"threshold_beta": 0.75}))
     ests = [1.0, 2.0, 6.0, 3.0, 10.0]
     for e in ests:
         sae.update_threshold(torch.tensor(e))
@@ -187,7 +187,7 @@ def test_threshold_estimate_is_running_mean_then_ema():
 
 
 def test_b_dec_init_default_is_per_family():
-    # top-AFA starts b_dec at 0 like its reference (see saes/afa.py); the rest use the median.
+    # top-AFA starts b_dec at 0 like its reference (see saes/topafa.py); the rest use the median.
     afa = build_sae(SAEConfig(architecture="topafa", d_in=D, d_sae=F))
     topk = build_sae(SAEConfig(architecture="topk", d_in=D, d_sae=F))
     assert afa.cfg.b_dec_init == "zeros" and topk.cfg.b_dec_init == "geometric_median"
@@ -201,11 +201,11 @@ def test_b_dec_init_default_is_per_family():
 
 @pytest.mark.parametrize("arch", ["topk", "batchtopk", "feature_choice"])
 def test_encoder_init_scale_scales_the_tied_encoder(arch):
-    from saelab.config import TopKOptions
+    from saelab.saes.topk import TopKOptions
 
     def config(scale):
         return SAEConfig(architecture=arch, d_in=8, d_sae=16,
-                         topk=TopKOptions(k=2, encoder_init_scale=scale))
+                         options=TopKOptions(k=2, encoder_init_scale=scale))
 
     def build(scale):
         return build_sae(config(scale), generator=torch.Generator().manual_seed(0))
@@ -215,4 +215,4 @@ def test_encoder_init_scale_scales_the_tied_encoder(arch):
     torch.testing.assert_close(plain.W_enc, plain.W_dec.T)
     torch.testing.assert_close(small.W_enc, 0.25 * small.W_dec.T)
     with pytest.raises(ConfigError, match="--encoder-init-scale"):
-        config(0.0).validate()
+        validate_sae_config(config(0.0))

@@ -6,7 +6,8 @@ import copy
 import pytest
 import torch
 
-from saelab.config import SAEConfig, TopKOptions, TrainConfig
+from saelab.config import SAEConfig, TrainConfig
+from saelab.saes._topk_base import TopKBaseSAE, TopKOptions
 from saelab.saes.registry import architectures, build_sae
 from saelab.saes.sparse import (
     SparseCode,
@@ -18,7 +19,6 @@ from saelab.saes.sparse import (
     topk_per_batch,
     topk_per_token,
 )
-from saelab.saes.topk import TopKSAE
 from saelab.train.trainer import Trainer
 
 B, D, F, K = 64, 24, 96, 5
@@ -197,16 +197,16 @@ def test_fired_counts_only_nonzero_codes():
 
 def _sparse_families():
     return sorted(name for name, cls in architectures(trainable_only=True).items()
-                  if issubclass(cls, TopKSAE) and cls.loss is TopKSAE.loss
+                  if issubclass(cls, TopKBaseSAE) and cls.loss is TopKBaseSAE.loss
                   and cls.sparse_encoder_grad)
 
 
 @pytest.mark.parametrize("arch", _sparse_families())
 def test_family_loss_gradients_equal_dense_path(arch):
-    """Every family that trains through TopKSAE.loss gets the dense path's exact gradients,
+    """Every family that trains through TopKBaseSAE.loss gets the dense path's exact gradients,
     AuxK (dead latents) and Multi-TopK included."""
     cfg = SAEConfig(architecture=arch, d_in=D, d_sae=F,
-                    topk=TopKOptions(k=K, aux_k=6, multi_topk=True))
+                    options=TopKOptions(k=K, aux_k=6, multi_topk=True))
     sae = build_sae(cfg, dtype=f64, generator=torch.Generator().manual_seed(5))
     sae.total_steps = 100
     with torch.no_grad():
@@ -242,7 +242,7 @@ def test_topk_training_reduces_fvu(arch):
     dirs = torch.randn(32, D, generator=g)
     codes = torch.rand(2048, 32, generator=g) * (torch.rand(2048, 32, generator=g) < 0.1)
     data = codes @ dirs + 0.01 * torch.randn(2048, D, generator=g)
-    sae = build_sae(SAEConfig(architecture=arch, d_in=D, d_sae=64, topk=TopKOptions(k=4)),
+    sae = build_sae(SAEConfig(architecture=arch, d_in=D, d_sae=64, options=TopKOptions(k=4)),
                     generator=g)
     sae.init_from_data(data)
     x0 = data[:512]
@@ -269,7 +269,7 @@ def _naive_batch_topk_loss(sae, x, dead):
     ends = getattr(sae, "prefix_ends", (m,))
     recon = [f[:, :e] @ W_dec[:e] + b_dec for e in ends]
     fvu = [((r - x) ** 2).sum() / var for r in recon]
-    if hasattr(sae, "prefix_ends") and sae.cfg.matryoshka.include_b_dec_term:
+    if hasattr(sae, "prefix_ends") and sae.cfg.options.include_b_dec_term:
         fvu.append(((b_dec - x) ** 2).sum() / var)
     main = torch.stack(fvu).mean()
     e = (x - recon[-1]).detach()
@@ -277,7 +277,7 @@ def _naive_batch_topk_loss(sae, x, dead):
     v, i = p_dead.topk(min(sae.k_aux, int(dead.sum())), dim=1)
     e_hat = torch.zeros_like(acts).scatter(1, i, torch.relu(v)) @ W_dec
     aux = ((e_hat - e) ** 2).sum() / ((e - e.mean(0)) ** 2).sum()
-    return main + sae.cfg.topk.aux_coefficient * aux, f
+    return main + sae.cfg.options.aux_coefficient * aux, f
 
 
 @pytest.mark.parametrize("pre_bias", [True, False])
@@ -288,7 +288,7 @@ def test_batch_level_loss_matches_naive_spec(arch, pre_bias):
     in value and in every parameter gradient, on a batch whose rows get from 0 to > 3k
     latents."""
     cfg = SAEConfig(architecture=arch, d_in=D, d_sae=F, apply_b_dec_to_input=pre_bias,
-                    topk=TopKOptions(k=K, aux_k=6))
+                    options=TopKOptions(k=K, aux_k=6))
     sae = build_sae(cfg, dtype=f64, generator=torch.Generator().manual_seed(8))
     sae.total_steps = 100
     g = torch.Generator().manual_seed(9)

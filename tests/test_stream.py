@@ -156,3 +156,28 @@ def test_sample_and_norm_scale(store):
     assert c == pytest.approx(1 / math.sqrt(float(kept.square().mean())), rel=1e-9)
     with pytest.raises(ConfigError):
         estimate_norm_scale(store, "l2")
+
+
+@pytest.mark.parametrize("world,B,buffer_rows,drop,start", [
+    (2, 64, 250, 0, 0), (2, 40, 300, 5, 7), (4, 36, 100, 0, 3), (3, 501, 10_000, 2, 0),
+])
+def test_rank_slices_partition_the_global_batch(store, world, B, buffer_rows, drop, start):
+    """W ranks' batches, concatenated in rank order, are the single-process batch, row for row
+    (spanning blocks and epochs), and each rank reads only the rows it yields."""
+    n = 2 * math.ceil(store.num_rows / B) + 3  # over two epochs
+    kw = {"seed": 5, "drop_positions_below": drop, "start_batch": start}
+    single = take(ActivationStream(store, B, buffer_rows, **kw), n)
+    ranks = [ActivationStream(store, B, buffer_rows, rank=r, world_size=world, **kw)
+             for r in range(world)]
+    per_rank = [take(s, n) for s in ranks]
+    for i in range(n):
+        parts = [p[i] for p in per_rank]
+        assert all(p.shape == (B // world, D) for p in parts)
+        assert torch.equal(torch.cat(parts), single[i])
+
+
+def test_rank_slicing_refuses_uneven_batch(store):
+    with pytest.raises(ConfigError, match="divisible"):
+        ActivationStream(store, 63, 250, rank=0, world_size=2)
+    with pytest.raises(ConfigError):
+        ActivationStream(store, 64, 250, rank=2, world_size=2)

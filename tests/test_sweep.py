@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-import saelab.sweep as sweep_mod
+import saelab.sweep.run as sweep_mod
 from saelab.cli import main
 from saelab.config import DataConfig, EvalConfig, HarvestConfig, ModelConfig, SAEConfig
 from saelab.sweep import csv_columns
@@ -145,8 +145,9 @@ def test_shared_baseline_equals_per_run_evaluate_and_saves_forwards(tiny):
             again = evaluate(sae, lm, hook, data, ecfg, progress=False, baseline=partial)
             assert reused.metrics == fresh.metrics == again.metrics
             assert torch.equal(reused.density_F, fresh.density_F)
-            # one spliced forward per CE batch (2 batches of 8 windows) instead of four
-            assert n_shared == 2
+            # one spliced forward per CE batch (2 batches of 8 windows) and protocol (default
+            # and filtered) instead of four
+            assert n_shared == 2 * 2
     finally:
         handle.remove()
     with pytest.raises(ValueError, match="another hook, data or eval"):

@@ -161,7 +161,7 @@ def test_command_writes_synth_json_and_a_table(tmp_path, capsys, one_thread):
         for key in ("mean_best_cos", "frac_recovered", "mcc", "fvu", "l0", "dead_fraction",
                     "train_seconds"):
             assert isinstance(r[key], float) and math.isfinite(r[key]), key
-    assert recs["topk"]["sae_config"]["topk"]["k"] == 2  # k defaults to the true mean L0
+    assert recs["topk"]["sae_config"]["options"]["k"] == 2  # k defaults to the true mean L0
     assert recs["relu"]["sparsity_param"] == "l1_coefficient"
     assert recs["relu"]["sparsity_value"] == 2.0 == recs["relu"]["sae_config"]["l1_coefficient"]
     assert main(args) == 2  # an existing synth.json needs --overwrite
@@ -215,9 +215,9 @@ LEARN_OVERRIDES = {
     "relu": {"l1_coefficient": 2.0},
     # the default l0 penalty (lambda 0.004) leaves L0 ~12 for a true L0 of 2 and the decoder at
     # chance; the target_l0 loss aims at the true L0 (k, set by the benchmark)
-    "jumprelu": {"jumprelu.sparsity_loss": "target_l0"},
+    "jumprelu": {"options.sparsity_loss": "target_l0"},
     # biases adapt once per 40,960 tokens by default: twice in this 102,400-token run
-    "gba": {"gba.buffer_tokens": 2048, "gba.gamma_minus": 0.05, "gba.gamma_plus": 0.05},
+    "gba": {"options.buffer_tokens": 2048, "options.gamma_minus": 0.05, "options.gamma_plus": 0.05},
 }
 
 # Known failures, reported rather than hidden (strict: an XPASS fails, so the mark must go once
@@ -226,7 +226,7 @@ LEARN_OVERRIDES = {
 # This is the method, not a bug: the selection and the loss gradients match brute-force float64
 # references, an independent reimplementation of the reference code (per-token standardised)
 # behaves the same, and the reference's own logged GPT-2 runs end at L0 ~2,000 of 12,288
-# (saes/afa.py, "Known behaviour").
+# (saes/topafa.py, "Known behaviour").
 KNOWN_FAILURES = {
     "topafa": "top-AFA learns dense codes, as in the reference runs (L0 ~20 vs 2)",
 }

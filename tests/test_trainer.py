@@ -135,3 +135,37 @@ def test_lr_schedule_shape():
     m = [lr_multiplier(s, 100, warmup_steps=10, decay_fraction=0.2) for s in range(100)]
     assert m[0] == pytest.approx(0.1) and m[9] == 1.0 and m[50] == 1.0
     assert m[80] == 1.0 and m[90] == pytest.approx(0.5) and m[99] == pytest.approx(0.05)
+
+
+def test_autocast_modes():
+    from saelab.errors import ConfigError
+    from saelab.train.trainer import resolve_autocast
+
+    cpu = torch.device("cpu")
+    assert resolve_autocast("off", cpu) is None
+    assert resolve_autocast("bf16", cpu) is torch.bfloat16
+    assert resolve_autocast("auto", cpu) is None  # bf16 is emulated (slower) on CPUs
+    with pytest.raises(ConfigError, match="autocast"):
+        resolve_autocast("fp8", cpu)
+    with pytest.raises(ConfigError, match="autocast"):
+        TrainConfig(autocast="fp8").validate()
+
+
+def test_bf16_autocast_trains_like_float32():
+    """relu (dense matmuls) under bf16 autocast: parameters stay float32 and the FVU after 60
+    steps is within 2% of the float32 run's."""
+    def run(mode):
+        torch.manual_seed(0)
+        dirs = torch.randn(96, 32, generator=torch.Generator().manual_seed(1))
+        g = torch.Generator().manual_seed(2)
+        batches = (torch.relu(torch.randn(256, 96, generator=g) - 1.2) @ dirs for _ in range(60))
+        sae = build_sae(SAEConfig(architecture="relu", d_in=32, d_sae=128),
+                        generator=torch.Generator().manual_seed(0))
+        res = Trainer(sae, TrainConfig(tokens=256 * 60, batch_size=256, autocast=mode,
+                                       log_every=60), progress=False).fit(batches)
+        assert sae.W_enc.dtype == torch.float32
+        return res.final["fvu"]
+
+    fp32, bf16 = run("off"), run("bf16")
+    assert fp32 < 0.95  # it learnt
+    assert abs(bf16 - fp32) / fp32 < 0.02

@@ -6,16 +6,16 @@ import math
 import pytest
 import torch
 
-from saelab.config import SAEConfig, TopKOptions, TrainConfig, VSAEOptions
-from saelab.saes.registry import build_sae
+from saelab.config import SAEConfig, TrainConfig
+from saelab.saes.registry import build_sae, validate_sae_config
+from saelab.saes.vsae import VSAEOptions
 from saelab.train.trainer import Trainer
 
 D, F, K, B = 16, 64, 4, 128
 
 
 def make(seed=0, k=K, d_sae=F, **vsae):
-    cfg = SAEConfig(architecture="vsae", d_in=D, d_sae=d_sae, topk=TopKOptions(k=k),
-                    vsae=VSAEOptions(**vsae))
+    cfg = SAEConfig(architecture="vsae", d_in=D, d_sae=d_sae, options=VSAEOptions(k=k, **vsae))
     return build_sae(cfg, generator=torch.Generator().manual_seed(seed))
 
 
@@ -40,7 +40,7 @@ def test_defaults_follow_the_spec():
     assert torch.all(sae.b_var == -2.0)
     assert sae.unit_norm_decoder
     assert sae.saelens_architecture is None
-    assert sae.sweep_param == "topk.k" and len(sae.sweep_levels) == 3
+    assert sae.sweep_param == "options.k" and len(sae.sweep_levels) == 3
 
 
 def test_kl_learned_variance_matches_closed_form():
@@ -221,5 +221,5 @@ def test_bad_kl_options_are_config_errors():
     for bad in (dict(kl_coefficient=-1.0), dict(kl_coefficient=float("nan")),
                 dict(kl_warmup_fraction=1.5)):
         with pytest.raises(ConfigError, match="--vsae-kl"):
-            SAEConfig(architecture="vsae", vsae=VSAEOptions(**bad)).validate()
-    SAEConfig(architecture="vsae").validate()
+            validate_sae_config(SAEConfig(architecture="vsae", options=VSAEOptions(**bad)))
+    validate_sae_config(SAEConfig(architecture="vsae"))

@@ -8,12 +8,15 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
+import saelab
 from saelab.analysis.registry import analyses
 from saelab.cliargs import add_dataclass_args, build, given
 from saelab.config import EvalConfig, HarvestConfig, RunConfig
 from saelab.errors import SaelabError
+from saelab.saes.registry import architectures, family_file, validate_sae_config
 
 EXIT_USER_ERROR = 2
 
@@ -23,6 +26,7 @@ def _parser() -> argparse.ArgumentParser:
         prog="saelab",
         description="Sparse dictionary learning on language-model activations.",
     )
+    p.add_argument("--version", action="version", version=f"saelab {_version()}")
     sub = p.add_subparsers(dest="verb", required=True, metavar="VERB")
 
     t = sub.add_parser(
@@ -30,26 +34,84 @@ def _parser() -> argparse.ArgumentParser:
         description="Train an SAE end to end. With no flags: Gated SAE on the embedded "
                     "SmolLM2-135M-Instruct (blocks.12.hook_resid_post) over the embedded news "
                     "corpus; writes the run folder given by --out.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     add_dataclass_args(t, RunConfig)
     t.add_argument("--quiet", action="store_true", help="no progress bars")
 
     h = sub.add_parser("harvest", help="write LM activations at a hook into an activation store")
-    add_dataclass_args(h, HarvestConfig)
+    add_dataclass_args(h, HarvestConfig, skip=("model.hook",))  # --hook is HarvestConfig.hooks
     h.add_argument("--quiet", action="store_true", help="no progress bars")
 
     e = sub.add_parser("eval", help="evaluate a trained run (or a saved SAE folder) again")
     e.add_argument("run", help="run folder written by `saelab train` (or an SAE folder)")
     add_dataclass_args(e, EvalConfig)
-    e.add_argument("--skip-ce", action="store_true", help="skip the LM-splice CE/KL metrics")
+    e.add_argument("--evals", default="", metavar="NAME,NAME,...",
+                   help="evals to run (default: all): core (reconstruction), ce (CE/KL with "
+                        "the SAE spliced in), density (dead/dense latents)")
+    e.add_argument("--skip-ce", action="store_true",
+                   help="skip the LM-splice CE/KL metrics (drops ce from --evals)")
     e.add_argument("--quiet", action="store_true", help="no progress bars")
+
+    x = sub.add_parser(
+        "export-store", help="write an activation store in another tool's layout",
+        description="Write a saelab activation store as a SAELens cached-activation dataset "
+                    "(Hugging Face datasets on Arrow: one column per hook plus token_ids), so "
+                    "SAELens can train on it. `saelab train --store DIR` reads such folders.")
+    x.add_argument("store", help="activation store folder (written by `saelab harvest`)")
+    x.add_argument("--format", dest="export_format", choices=("saelens",), default="saelens",
+                   help="layout to write (default: saelens)")
+    x.add_argument("--out", dest="export_out", required=True, metavar="DIR",
+                   help="new or empty folder to write the dataset to")
+    x.add_argument("--quiet", action="store_true", help="no progress bars")
 
     _add_sweep_parser(sub)
     _add_synth_parser(sub)
     sub.add_parser("archs", help="list SAE architectures")
     _add_analysis_parsers(sub)
+    _add_view_parsers(sub)
     return p
+
+
+def _version() -> str:
+    try:
+        return version("saelab")
+    except PackageNotFoundError:
+        return saelab.__version__
+
+
+def _add_view_parsers(sub) -> None:
+    """`dashboard`, `report`, `steer`: look at a trained SAE's latents and runs."""
+    from saelab.report.dashboard import DashboardConfig
+    from saelab.steer import SteerConfig
+
+    d = sub.add_parser(
+        "dashboard", help="feature dashboard of a run: one self-contained HTML + JSON per latent",
+        description="Scan held-out activation rows and write DIR/dashboard.html (index of "
+                    "latents, a card per latent: top examples with context, activation bins, "
+                    "histogram, logit lens; works from file://) and DIR/features/<i>.json in "
+                    "SAEDashboard/Neuronpedia's feature schema.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    d.add_argument("run", help="run folder written by `saelab train` (or an SAE folder)")
+    d.add_argument("--out", dest="view_out", default=None, metavar="DIR",
+                   help="output folder (default: RUN/dashboard)")
+    add_dataclass_args(d, DashboardConfig)
+    d.add_argument("--quiet", action="store_true", help="no progress bars")
+
+    r = sub.add_parser("report", help="write report.html beside a run or a sweep",
+                       description="Write RUN/report.html (configuration, metrics with their "
+                                   "meaning, training curves, density histogram, dashboard "
+                                   "link) or SWEEP_DIR/report.html (table, Pareto plots, a "
+                                   "link per run).")
+    r.add_argument("run", metavar="RUN|SWEEP_DIR", help="run folder or sweep folder")
+
+    s = sub.add_parser("steer", help="generate with and without one latent (additive / clamp)",
+                       description="Generate from --prompt without steering and with latent "
+                                   "--latent added (S x max activation x W_dec[i]) or clamped "
+                                   "(set to S x max activation, SAE error added back); greedy "
+                                   "and seeded by default.",
+                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    s.add_argument("run", help="run folder written by `saelab train` (or an SAE folder)")
+    add_dataclass_args(s, SteerConfig)
 
 
 def _add_analysis_parsers(sub) -> None:
@@ -75,7 +137,6 @@ def _add_synth_parser(sub) -> None:
                     "and score how well each recovers the true features (best cosine, fraction "
                     "recovered, MCC) besides FVU, L0 and dead latents on held-out samples. "
                     "Writes DIR/synth.json and prints one row per family.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     add_dataclass_args(s, SynthConfig)
     s.add_argument("--quiet", action="store_true", help="no progress bars")
@@ -92,14 +153,51 @@ def _add_sweep_parser(sub) -> None:
                     "held-out data, and write sweep.csv, sweep.json and Pareto plots (L0 vs "
                     "FVU, CE loss recovered, delta LM loss). Rerun the same command to continue "
                     "an interrupted sweep.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     add_dataclass_args(s, SweepConfig, skip=("sae.architecture",))
     s.add_argument("--quiet", action="store_true", help="no progress bars")
 
 
+def archs_table() -> str:
+    """`saelab archs`: one aligned row per family (name, trainable, sweep knob, file, doc)."""
+    rows = [("name", "trainable", "sweep knob", "file", "description")]
+    for name, cls in sorted(architectures().items()):
+        doc = (cls.__doc__ or sys.modules[cls.__module__].__doc__ or "").strip().splitlines()
+        rows.append((name, "yes" if cls.trainable else "no (inference/loading only)",
+                     cls.sweep_param if cls.trainable else "-", family_file(cls),
+                     doc[0] if doc else ""))
+    widths = [max(len(r[i]) for r in rows) for i in range(4)]
+    return "\n".join("  ".join(c.ljust(w) for c, w in zip(r[:4], widths, strict=True)) + "  " + r[4]
+                     for r in rows)
+
+
+def _dispatch_view(args: argparse.Namespace, progress: bool) -> int:
+    if args.verb == "dashboard":
+        from saelab.report.dashboard import DashboardConfig, build_dashboard
+
+        cfg = build(DashboardConfig, args)
+        out = Path(args.view_out) if args.view_out else Path(args.run) / "dashboard"
+        res = build_dashboard(Path(args.run), out, cfg, progress=progress)
+        print(f"dashboard: {res.html}  ({res.n_latents} latents, {res.n_rows:,} held-out "
+              f"tokens, {res.seconds['total']:.0f} s)"
+              + (f"\nfeature JSON: {res.features_dir}/" if res.features_dir else ""))
+        return 0
+    if args.verb == "report":
+        from saelab.report.run_report import write_report
+
+        print(f"report: {write_report(Path(args.run))}")
+        return 0
+    from saelab.steer import SteerConfig, steer_run, steer_table
+
+    cfg = build(SteerConfig, args)
+    rows, max_act = steer_run(Path(args.run), cfg)
+    print(steer_table(rows, cfg, max_act))
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    args.argv = list(sys.argv[1:] if argv is None else argv)  # for `train --nproc` relaunch
     try:
         return _dispatch(args)
     except SaelabError as e:
@@ -114,12 +212,7 @@ def main(argv: list[str] | None = None) -> int:
 def _dispatch(args: argparse.Namespace) -> int:
     progress = not getattr(args, "quiet", False)
     if args.verb == "archs":
-        from saelab.saes.registry import architectures
-
-        for name, cls in sorted(architectures().items()):
-            doc = (cls.__doc__ or sys.modules[cls.__module__].__doc__ or "").strip().splitlines()[0]
-            flag = "" if cls.trainable else "  [inference/loading only]"
-            print(f"{name:10s} {doc}{flag}")
+        print(archs_table())
         return 0
     if args.verb == "train":
         from saelab.pipeline import train_run
@@ -127,6 +220,16 @@ def _dispatch(args: argparse.Namespace) -> int:
 
         cfg = build(RunConfig, args)
         cfg.validate()
+        validate_sae_config(cfg.sae)
+        from saelab.train.distributed import launched_by_torchrun, relaunch
+
+        if cfg.train.nproc > 1 and not launched_by_torchrun():
+            if not cfg.store and not cfg.resume:
+                from saelab.errors import ConfigError
+
+                raise ConfigError("--nproc needs an existing activation store: harvest one "
+                                  "with `saelab harvest --out STORE ...` and pass --store STORE")
+            return relaunch(args.argv, cfg.train.nproc)
         if cfg.resume:
             ignored = sorted(given(args) - {"out", "resume", "quiet", "verb"})
             if ignored:
@@ -134,19 +237,32 @@ def _dispatch(args: argparse.Namespace) -> int:
                       f"{', '.join('--' + k.split('.')[-1].replace('_', '-') for k in ignored)}",
                       file=sys.stderr)
         summary = train_run(cfg, progress=progress)
+        from saelab import dist
+        from saelab.train.distributed import shutdown
+
+        main_rank = dist.is_main()
+        shutdown()  # no collectives after training (rank 0 evaluates alone)
+        if not main_rank:  # data-parallel rank > 0: rank 0 reports
+            return 0
         print(summary_table(summary.metrics,
                             title=f"\n{cfg.sae.architecture} SAE, d_sae {cfg.sae.d_sae} — held-out eval"))
         print(f"\nrun folder: {summary.run_dir}  (SAE in {summary.run_dir / 'sae'}, "
               f"metrics.json, metrics.jsonl, feature_density.png)")
         return 0
     if args.verb == "harvest":
-        from saelab.harvest import harvest
+        from saelab.harvest import harvest_hooks
 
         cfg = build(HarvestConfig, args)
         cfg.validate()
-        store = harvest(cfg, progress=progress)
-        print(f"store: {store.path}  rows {store.num_rows:,}  d_in {store.d_in}  "
-              f"hook {store.hook}  model {store.model}")
+        for store in harvest_hooks(cfg, progress=progress).values():
+            print(f"store: {store.path}  rows {store.num_rows:,}  d_in {store.d_in}  "
+                  f"hook {store.hook}  model {store.model}")
+        return 0
+    if args.verb == "export-store":
+        from saelab.data.interop import export_saelens
+
+        out = export_saelens(args.store, args.export_out, progress=progress)
+        print(f"wrote {out} ({args.export_format} layout)")
         return 0
     if args.verb == "eval":
         from saelab.pipeline import evaluate_run
@@ -154,7 +270,11 @@ def _dispatch(args: argparse.Namespace) -> int:
 
         ecfg = build(EvalConfig, args)
         ecfg.validate()
-        metrics = evaluate_run(Path(args.run), ecfg, skip_ce=args.skip_ce, progress=progress)
+        from saelab.evals.registry import parse_evals
+
+        names = parse_evals(args.evals, skip_ce=args.skip_ce)
+        metrics = evaluate_run(Path(args.run), ecfg, skip_ce=args.skip_ce, progress=progress,
+                               evals=names)
         print(summary_table(metrics, title=f"held-out eval of {args.run}"))
         print(json.dumps({k: metrics[k] for k in ("l0", "fvu") if k in metrics}))
         return 0
@@ -181,6 +301,8 @@ def _dispatch(args: argparse.Namespace) -> int:
         print(synth_table(res))
         print(f"\nresults: {res.path}")
         return 1 if res.failed else 0
+    if args.verb in ("dashboard", "report", "steer"):
+        return _dispatch_view(args, progress)
     if args.verb in analyses():
         a = analyses()[args.verb]
         acfg = build(a.config, args)

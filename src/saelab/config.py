@@ -8,10 +8,8 @@ with a message that names the field and the fix.
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 from saelab.errors import ConfigError
@@ -110,7 +108,13 @@ class HarvestConfig:
 
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
-    store: str = opt("", "Output folder of the activation store (required).", flag="out")
+    store: str = opt("", "Output folder of the activation store (required); with several "
+                     "--hook, the parent folder of one store per hook, OUT/<hook>/.", flag="out")
+    hooks: list[str] = opt(
+        [], "Hook point to harvest (see the model options), repeatable: --hook A --hook B runs "
+        "the LM once, stopped at the deepest hook, and writes one store per hook whose rows "
+        "align by (window, position). Default: the model's hook (blocks.12.hook_resid_post).",
+        flag="hook", metavar="HOOK")
     tokens: int = opt(2_000_000, "Number of activation rows (token positions) to harvest.")
     split: str = opt("train", "Corpus split: train or eval (the held-out documents).",
                      choices=("train", "eval"))
@@ -136,190 +140,14 @@ class HarvestConfig:
             raise ConfigError(f"--shard-rows must be at least 1, got {self.shard_rows}")
         if self.lm_batch_size < 1:
             raise ConfigError(f"--lm-batch-size must be at least 1, got {self.lm_batch_size}")
+        if len(set(self.hooks)) != len(self.hooks):
+            raise ConfigError(f"--hook given twice ({', '.join(self.hooks)}): name each hook once")
+        if len(self.hooks) > 1 and self.with_grads:
+            raise ConfigError("--with-grads harvests one hook at a time: give a single --hook")
 
-
-@dataclass
-class JumpReLUOptions:
-    """JumpReLU training (METHODS §3): straight-through estimators and the sparsity loss."""
-
-    bandwidth: float = opt(
-        0.001, "Kernel bandwidth epsilon of the threshold pseudo-derivatives (§3.3; [R]).",
-        flag="jumprelu_bandwidth")
-    init_threshold: float = opt(0.001, "Initial threshold theta of every latent (§3.4; [R]).",
-                                flag="jumprelu_init_threshold")
-    sparsity_loss: str = opt(
-        "l0", "Sparsity term: l0 (lambda * L0, §3.2), target_l0 ((L0/target - 1)^2, §3.7, the "
-        "dictionary_learning default) or tanh (Anthropic Jan-2025 lambda*sum tanh(c f ||d||)).",
-        flag="jumprelu_sparsity_loss", choices=("l0", "target_l0", "tanh"))
-    target_l0: float = opt(20.0, "Target L0 of the target_l0 sparsity loss (dictionary_learning: "
-                           "20 [C]); --l1-coefficient is its weight (default 1).",
-                           flag="jumprelu_target_l0")
-    tanh_c: float = opt(4.0, "c of the tanh sparsity loss.", flag="jumprelu_tanh_c")
-    pre_act_coefficient: float = opt(
-        0.0, "Coefficient of the pre-activation loss sum ReLU(theta - pi)*||d|| on dead latents "
-        "(paired with tanh by Anthropic, ~3e-6; works with any sparsity loss); 0 disables.",
-        flag="jumprelu_pre_act_coefficient")
-
-    def validate(self) -> None:
-        if self.bandwidth <= 0 or self.init_threshold <= 0:
-            raise ConfigError("--jumprelu-bandwidth and --jumprelu-init-threshold must be > 0")
-        if self.sparsity_loss not in ("l0", "target_l0", "tanh"):
-            raise ConfigError(f"--jumprelu-sparsity-loss must be l0, target_l0 or tanh, got "
-                              f"{self.sparsity_loss!r}")
-        if self.target_l0 <= 0 or self.tanh_c <= 0 or self.pre_act_coefficient < 0:
-            raise ConfigError("--jumprelu-target-l0 and --jumprelu-tanh-c must be > 0 and "
-                              "--jumprelu-pre-act-coefficient >= 0")
-
-
-@dataclass
-class TopKOptions:
-    """TopK-family settings shared by topk, batchtopk, abstopk, mutual/feature choice,
-    matryoshka, vsae and gsae (METHODS §4, §0.6)."""
-
-    k: int = opt(32, "Active latents per token (per-token for topk/abstopk/gsae/vsae, batch "
-                 "average for batchtopk/mutual_choice/feature_choice/matryoshka).")
-    aux_k: int = opt(0, "k_aux of the AuxK dead-latent loss (§0.6); 0 = d_in // 2 "
-                     "(sparsify / dictionary_learning).")
-    aux_coefficient: float = opt(1 / 32, "alpha of the AuxK loss (§0.6); 0 disables it.")
-    aux_scale_by_dead: bool = opt(
-        False, "Scale AuxK by min(n_dead / k_aux, 1) (the sparsify variant, §0.6).")
-    multi_topk: bool = opt(False, "topk only: add the Multi-TopK term L(4k)/8 (§4.2).")
-    encoder_init_scale: float = opt(
-        1.0, "W_enc = scale x W_dec^T at init (the spec's tied init, §4.4, is 1: unit-norm "
-        "encoder columns). [U] knob: on synthetic data 0.25-0.5 recovered the true features "
-        "far better for topk and the batch-level families, and 0.5 lowered FVU slightly on "
-        "SmolLM2 activations (README Results); one seed, so the default stays 1.")
-    threshold_beta: float = opt(
-        0.999, "EMA factor of the inference threshold of batchtopk / mutual_choice / "
-        "matryoshka / feature_choice (§4.8, §6.5); a running mean until 1/(1-beta) estimates.")
-    threshold_start_fraction: float = opt(
-        0.5, "Start estimating inference thresholds after this fraction of training steps "
-        "(the spec's 'after warm-up'; half the run, since our runs are short and the early "
-        "code is far from the final one).")
-
-
-@dataclass
-class ChoiceOptions:
-    """Feature Choice / Mutual Choice (METHODS §6)."""
-
-    capacity: str = opt(
-        "uniform", "feature_choice capacity per latent: uniform (m = k*B/M, rounded so every "
-        "m_j is floor or ceil of it and the total is k*B) or zipf (m_j proportional to "
-        "1/(rank_j+1)^s by firing-frequency rank, normalised to k*B, each in [1, B]; the "
-        "parameterisation is [U]).",
-        choices=("uniform", "zipf"))
-    zipf_exponent: float = opt(1.0, "s of the zipf capacity, and the fallback slope of "
-                               "aux_zipf_loss's reference curve when it cannot be fitted ([U]).")
-    aux_zipf: bool = opt(
-        False, "EXPERIMENTAL, feature_choice / mutual_choice: aux_zipf_loss (§6.4) in place of "
-        "AuxK. The formula is the spec's proposal, not the paper's (unpublished): AuxK restricted "
-        "to latents firing below kappa x a Zipf fit of the ranked firing frequencies, plus the "
-        "dead latents. Uses --aux-k and --aux-coefficient.")
-    zipf_kappa: float = opt(0.5, "kappa of aux_zipf_loss: 'underutilised' below kappa x fit.")
-    zipf_freq_beta: float = opt(
-        0.99, "EMA factor of the per-latent firing frequency (one update per step; window "
-        "~ 1/(1-beta) steps) behind the zipf capacity ranks and aux_zipf_loss ([U]).")
-    zipf_fit_fraction: float = opt(
-        0.5, "aux_zipf_loss fits the Zipf curve to this most frequent fraction of latents, "
-        "leaving out the low-frequency tail it judges ([U]).")
-    zipf_deficit_weight: bool = opt(
-        False, "aux_zipf_loss: weight each latent by its deficit (fit - freq) / fit (§6.4 option).")
-
-
-@dataclass
-class MatryoshkaOptions:
-    """Matryoshka SAE over BatchTopK (METHODS §13.1)."""
-
-    group_fractions: str = opt(
-        "0.0625,0.0625,0.125,0.25,0.5",
-        "Comma-separated fractions of d_sae per nested group, in order (official example "
-        "[M/16, M/16, M/8, M/4, M/2]); normalised to sum to 1, so integer group sizes work too. "
-        "Every group gets at least one latent.")
-    include_b_dec_term: bool = opt(
-        True, "Include the b_dec-only reconstruction (j = 0) in the mean over prefixes, as the "
-        "official repo does.")
-
-
-@dataclass
-class AFAOptions:
-    """top-AFA (METHODS §10)."""
-
-    afa_coefficient: float = opt(
-        1 / 32, "lambda_AFA of the norm-alignment loss (§10.3; the code sweeps 1/128..1/16). "
-        "The term is divided by the batch's per-dimension variance, so its weight relative to "
-        "the reconstruction nmse is the reference's for any input scale.")
-    afa_target: str = opt(
-        "uncentered", "Target of the AFA loss: uncentered ||x|| (the reference code) or "
-        "centered ||x - b_dec|| (what the selection uses).", choices=("uncentered", "centered"))
-    selection: str = opt(
-        "nearest", "k* rule: nearest cumulative norm to ||x_c|| (reference code) or the first "
-        "that reaches it.", flag="afa_selection", choices=("nearest", "first_exceeding"))
-    encoder_bias: bool = opt(
-        False, "Add a learned b_enc to the pre-activations. Off by default: the reference "
-        "forward pass never uses its b_enc, and with W_enc = W_dec^T the bias-free code of an "
-        "orthonormal dictionary matches ||x_c|| exactly (§10.1-10.2).", flag="afa_encoder_bias")
-
-
-@dataclass
-class VSAEOptions:
-    """Variational SAE (METHODS §11)."""
-
-    variance: str = opt("learned", "Posterior variance: learned (log sigma^2 head) or fixed.",
-                        choices=("learned", "fixed"))
-    fixed_var_sampling: str = opt(
-        "off", "Fixed variance only: off (the code's var_flag=0: z = mu, KL = ||z||^2/2) or "
-        "unit_variance (the write-up: z = mu + eps).", choices=("off", "unit_variance"))
-    kl_coefficient: float = opt(
-        0.01, "Full KL coefficient beta_KL, against the per-token SSE of inputs normalised to "
-        "E||x|| = sqrt(d) (code default 500; logged runs 1e-4, 1e-2, 1, 100). 0.01 is one of the "
-        "logged values; at 1.0 the deterministic L0 collapsed to ~8 of k = 32 within 100 steps "
-        "on SmolLM2 layer 6.", flag="vsae_kl_coefficient")
-    kl_warmup_fraction: float = opt(0.1, "Linear KL warm-up from 0 over this fraction of steps.",
-                                    flag="vsae_kl_warmup_fraction")
-
-    def validate(self) -> None:
-        if not (math.isfinite(self.kl_coefficient) and self.kl_coefficient >= 0):
-            raise ConfigError(f"--vsae-kl-coefficient must be a finite number >= 0, got "
-                              f"{self.kl_coefficient}")
-        if not 0 <= self.kl_warmup_fraction <= 1:
-            raise ConfigError(f"--vsae-kl-warmup-fraction must be in [0, 1], got "
-                              f"{self.kl_warmup_fraction}")
-
-
-@dataclass
-class GBAOptions:
-    """Group Bias Adaptation (METHODS §8; defaults [U] from a third-party reimplementation)."""
-
-    groups: int = opt(10, "K groups with geometrically spaced target activation frequencies.")
-    htf: float = opt(0.1, "Highest target activation frequency.")
-    ltf: float = opt(0.001, "Lowest target activation frequency.")
-    buffer_tokens: int = opt(
-        16_384, "Tokens between bias updates (N_buf). The reimplementation's 40,960 [U] gives "
-        "only ~50 updates in a 2M-token run; an over-firing latent needs ~50-100 (each update "
-        "moves its threshold a fraction gamma_minus of the way to the window's largest "
-        "pre-activation).")
-    gamma_minus: float = opt(0.01, "Rate at which over-firing latents' biases fall.")
-    gamma_plus: float = opt(0.01, "Rate at which (almost) dead latents' biases rise.")
-    dead_eps: float = opt(1e-6, "Firing frequency below which a latent counts as dead.")
-    b_min: float = opt(-1.0, "Lower bound of the adapted biases.")
-    b_max: float = opt(0.0, "Upper bound of the adapted biases.")
-    activation: str = opt(
-        "jumprelu_bias_gate", "relu (u = w.x + b) or jumprelu_bias_gate (output w.x, gated "
-        "by w.x + b > 0).", choices=("relu", "jumprelu_bias_gate"), flag="gba_activation")
-    tied: bool = opt(False, "Tie the decoder to the encoder (decoder = encoder^T).",
-                     flag="gba_tied")
-
-
-@dataclass
-class GSAEOptions:
-    """Gradient TopK SAE (METHODS §7): selection by z + beta z |g W_dec^T|."""
-
-    beta: float = opt(1.0, "beta of the selection score; 0 = plain TopK ([U] default).",
-                      flag="gsae_beta")
-    grad_norm: str = opt(
-        "batch_mean_l2", "Normalisation of the LM-loss gradient g before scoring ([U]): none, "
-        "per_token_l2 (g/||g||) or batch_mean_l2 (g / mean of ||g|| over the batch given).",
-        flag="gsae_grad_norm", choices=("none", "per_token_l2", "batch_mean_l2"))
+    def hook_names(self) -> list[str]:
+        """The hooks to harvest: ``hooks`` if given, else the model's hook."""
+        return list(self.hooks) or [self.model.hook]
 
 
 @dataclass
@@ -358,23 +186,17 @@ class SAEConfig:
         "at these learning rates needs tens of thousands of steps to learn from zero.",
         choices=("geometric_median", "mean", "zeros"),
     )
-    topk: TopKOptions = field(default_factory=TopKOptions)
-    jumprelu: JumpReLUOptions = field(default_factory=JumpReLUOptions)
-    choice: ChoiceOptions = field(default_factory=ChoiceOptions)
-    matryoshka: MatryoshkaOptions = field(default_factory=MatryoshkaOptions)
-    afa: AFAOptions = field(default_factory=AFAOptions)
-    vsae: VSAEOptions = field(default_factory=VSAEOptions)
-    gba: GBAOptions = field(default_factory=GBAOptions)
-    gsae: GSAEOptions = field(default_factory=GSAEOptions)
+    options: Any = field(default=None, metadata={
+        "family_options": True,
+        "help": "The family's own options: an instance of its options class (the family file's "
+                "``Options``), a dict of its field values, or None for its defaults; "
+                "saelab.saes.registry.validate_sae_config makes it an instance."})
 
     def validate(self) -> None:
-        from saelab.saes.registry import architectures
-
-        if self.architecture not in architectures():
-            raise ConfigError(
-                f"unknown architecture {self.architecture!r}: choose one of "
-                f"{', '.join(sorted(architectures()))}"
-            )
+        """The shared fields; the family and its options need the registry:
+        ``saelab.saes.registry.validate_sae_config`` checks them (and calls this)."""
+        if not self.architecture:
+            raise ConfigError("--arch is empty: give an SAE family (see `saelab archs`)")
         if self.d_sae < 1:
             raise ConfigError(f"--d-sae (width) must be at least 1, got {self.d_sae}")
         if self.d_in < 0:
@@ -387,30 +209,6 @@ class SAEConfig:
             )
         if self.init_decoder_norm <= 0:
             raise ConfigError(f"--init-decoder-norm must be > 0, got {self.init_decoder_norm}")
-        t = self.topk
-        if t.k < 1:
-            raise ConfigError(f"--k must be at least 1, got {t.k}")
-        if t.k > self.d_sae:
-            raise ConfigError(f"--k ({t.k}) cannot exceed --d-sae ({self.d_sae})")
-        if not (t.encoder_init_scale > 0 and math.isfinite(t.encoder_init_scale)):
-            raise ConfigError(f"--encoder-init-scale must be a positive number, got "
-                              f"{t.encoder_init_scale}")
-        if t.aux_k < 0 or t.aux_coefficient < 0:
-            raise ConfigError("--aux-k and --aux-coefficient must be >= 0")
-        if not 0 <= t.threshold_beta < 1 or not 0 <= t.threshold_start_fraction < 1:
-            raise ConfigError("--threshold-beta and --threshold-start-fraction must be in [0, 1)")
-        self.jumprelu.validate()
-        self.vsae.validate()
-        fracs = parse_fractions(self.matryoshka.group_fractions)
-        if not fracs or any(f <= 0 for f in fracs):
-            raise ConfigError(
-                f"--group-fractions must be positive comma-separated numbers, got "
-                f"{self.matryoshka.group_fractions!r}")
-        g = self.gba
-        if g.groups < 1 or not 0 < g.ltf <= g.htf <= 1 or g.buffer_tokens < 1:
-            raise ConfigError("GBA needs --groups >= 1, 0 < --ltf <= --htf <= 1, --buffer-tokens >= 1")
-        if not g.b_min <= g.b_max:
-            raise ConfigError(f"--b-min ({g.b_min}) must be <= --b-max ({g.b_max})")
 
 
 @dataclass
@@ -445,8 +243,23 @@ class TrainConfig:
         262_144, "Rows mixed together when streaming the store (bounded memory)."
     )
     wandb_project: str = opt("", "Log to this Weights & Biases project (needs wandb installed).")
+    autocast: str = opt(
+        "off", "Mixed precision for the SAE forward/backward (torch.autocast; parameters and Adam "
+        "stay --dtype): off, bf16, or auto (bf16 on CUDA with bf16 support, else off; on a CPU "
+        "without AMX bf16 is emulated and slower).", choices=("off", "bf16", "auto"))
+    nproc: int = opt(
+        1, "Data-parallel processes: >1 relaunches `saelab train` under torchrun on this "
+        "machine (gloo on CPU, NCCL on CUDA); --batch-size is the global batch, split evenly "
+        "over the processes. Needs --store.")
 
     def validate(self) -> None:
+        if self.nproc < 1:
+            raise ConfigError(f"--nproc must be at least 1, got {self.nproc}")
+        if self.autocast not in ("off", "bf16", "auto"):
+            raise ConfigError(f"--autocast must be off, bf16 or auto, got {self.autocast!r}")
+        if self.batch_size % self.nproc:
+            raise ConfigError(
+                f"--batch-size {self.batch_size} must be divisible by --nproc {self.nproc}")
         for name in ("tokens", "batch_size", "shuffle_buffer_rows"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
@@ -551,67 +364,6 @@ class RunConfig(PipelineConfig):
             raise ConfigError("--resume and --overwrite contradict each other: pick one")
 
 
-def parse_arch_list(text: str) -> list[str]:
-    """``--arch A,B`` -> ["A", "B"] in the order given (deduplicated); 'all' -> every trainable
-    family, sorted."""
-    from saelab.saes.registry import architectures
-
-    names = [a.strip() for a in text.split(",") if a.strip()]
-    if names == ["all"]:
-        return sorted(architectures(trainable_only=True))
-    if not names:
-        raise ConfigError("--arch is empty: give family names or 'all'")
-    return list(dict.fromkeys(names))
-
-
-def parse_levels(items: list[str], many: bool) -> dict[str, list[float]]:
-    """``--levels FAMILY=V1,V2`` items -> {family: [values]}; a family given twice keeps its
-    last entry. ``many=False`` allows one value per family."""
-    shape = "FAMILY=NUMBER,NUMBER,..." if many else "FAMILY=NUMBER (one level per family)"
-    out: dict[str, list[float]] = {}
-    for item in items:
-        name, sep, values = str(item).partition("=")
-        try:
-            parsed = [float(v) for v in values.split(",") if v.strip()]
-        except ValueError:
-            parsed = []
-        if (not sep or not name.strip() or not parsed or not all(map(math.isfinite, parsed))
-                or (not many and len(parsed) > 1)):
-            raise ConfigError(f"--levels {item!r} is not {shape}")
-        out[name.strip()] = parsed
-    return out
-
-
-def set_dotted(cfg: Any, path: str, value: Any) -> Any:
-    """Set the (nested) dataclass field ``path`` (e.g. ``topk.k``), keeping integer fields int;
-    returns the value set."""
-    *parents, name = path.split(".")
-    obj = cfg
-    for p in parents:
-        obj = getattr(obj, p)
-    if not dataclasses.is_dataclass(obj) or name not in {f.name for f in dataclasses.fields(obj)}:
-        raise ConfigError(f"no config field {path!r}")
-    current = getattr(obj, name)
-    if isinstance(current, int) and not isinstance(current, bool) and isinstance(value, float):
-        if value != int(value):
-            raise ConfigError(f"--levels: {path} takes whole numbers, got {value:g}")
-        value = int(value)
-    setattr(obj, name, value)
-    return value
-
-
-def parse_fractions(text: str) -> list[float]:
-    """'0.25,0.75' -> [0.25, 0.75]; [] if unparsable."""
-    try:
-        return [float(v) for v in str(text).split(",") if v.strip()]
-    except ValueError:
-        return []
-
-
-def to_dict(cfg: Any) -> dict:
-    return dataclasses.asdict(cfg)
-
-
 def from_dict(cls: type, data: dict) -> Any:
     """Rebuild a (possibly nested) config dataclass, ignoring unknown keys from newer versions."""
     kwargs = {}
@@ -628,10 +380,6 @@ def _dataclass_type(f: dataclasses.Field) -> type | None:
     if f.default_factory is not dataclasses.MISSING and dataclasses.is_dataclass(f.default_factory):
         return f.default_factory  # type: ignore[return-value]
     return None
-
-
-def save_json(cfg: Any, path: Path) -> None:
-    Path(path).write_text(json.dumps(to_dict(cfg), indent=2))
 
 
 # ---- `saelab synth`: synthetic ground-truth benchmark ------------------------------------------
@@ -697,7 +445,7 @@ class SynthConfig:
         "0 = the true mean L0 (--mean-active), rounded.")
     levels: list[str] = opt(
         [], "Per-family sparsity overrides FAMILY=VALUE (repeatable): the value of that family's "
-        "sweep knob (its sweep_param: l1_coefficient for relu/gated, topk.k for topk, ...), "
+        "sweep knob (its sweep_param: l1_coefficient for relu/gated, options.k for topk, ...), "
         "e.g. --levels relu=2.5 --levels gated=3. Default: the family's default.",
         metavar="FAMILY=VALUE")
     tokens: int = opt(1_000_000, "Training samples per family.")
@@ -710,19 +458,11 @@ class SynthConfig:
     overwrite: bool = opt(False, "Replace an existing synth.json in --out.")
 
     def validate(self) -> None:
-        from saelab.saes.registry import architectures
-
+        """Settings alone; the families of --arch / --levels are checked against the registry
+        by ``saelab.synth`` (``registry.resolve_families``)."""
         self.data.validate()
         if not self.out:
             raise ConfigError("--out is required: the folder to write synth.json to")
-        trainable = architectures(trainable_only=True)
-        for name in self.arch_list():
-            if name not in trainable:
-                raise ConfigError(f"unknown or untrainable architecture {name!r} in --arch: "
-                                  f"choose from all, {', '.join(sorted(trainable))}")
-        for name in self.level_overrides():
-            if name not in trainable:
-                raise ConfigError(f"--levels names {name!r}, not a trainable family")
         if self.d_sae < 1 or self.k < 0:
             raise ConfigError(f"--d-sae must be >= 1 and --k >= 0, got {self.d_sae}, {self.k}")
         if self.k > self.d_sae:
@@ -731,12 +471,6 @@ class SynthConfig:
             raise ConfigError("need --batch-size >= 1, --tokens >= --batch-size, --eval-tokens >= 2")
         if self.lr is not None and not (self.lr > 0 and math.isfinite(self.lr)):
             raise ConfigError(f"--lr must be a positive number, got {self.lr}")
-
-    def arch_list(self) -> list[str]:
-        return parse_arch_list(self.arch)
-
-    def level_overrides(self) -> dict[str, float]:
-        return {k: v[0] for k, v in parse_levels(self.levels, many=False).items()}
 
 
 # ---- `saelab sweep`: families x sparsity levels on one store -----------------------------------
@@ -780,7 +514,7 @@ class SweepConfig(PipelineConfig):
                      flag="arch")
     levels: list[str] = opt(
         [], "Sparsity levels FAMILY=V1,V2,... (repeatable): values of the family's sweep knob "
-        "(its sweep_param: l1_coefficient for relu/gated, topk.k for topk, ...), e.g. --levels "
+        "(its sweep_param: l1_coefficient for relu/gated, options.k for topk, ...), e.g. --levels "
         "topk=16,32,64 --levels gated=2,4,8. Default: the family's own sweep_levels.",
         metavar="FAMILY=V1,V2,...")
     out: str = opt("sweeps/demo", "Sweep folder: runs/<family>-<param>-<level>/, sweep.csv, "
@@ -789,23 +523,5 @@ class SweepConfig(PipelineConfig):
         False, "Replace the sweep in --out (all its runs) instead of continuing it; needed when "
         "it was made with other settings.")
 
-    def validate(self) -> None:
-        from saelab.saes.registry import architectures
-
-        super().validate()
-        trainable = architectures(trainable_only=True)
-        families = self.arch_list()
-        for name in families:
-            if name not in trainable:
-                raise ConfigError(f"unknown or untrainable architecture {name!r} in --arch: "
-                                  f"choose from all, {', '.join(sorted(trainable))}")
-        for name in self.level_overrides():
-            if name not in families:
-                raise ConfigError(f"--levels names {name!r}, which is not in --arch "
-                                  f"({', '.join(families)})")
-
-    def arch_list(self) -> list[str]:
-        return parse_arch_list(self.archs)
-
-    def level_overrides(self) -> dict[str, list[float]]:
-        return parse_levels(self.levels, many=True)
+    # the families of --arch / --levels are checked against the registry by saelab.sweep
+    # (registry.resolve_families)

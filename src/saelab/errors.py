@@ -28,6 +28,14 @@ class StoreError(SaelabError):
     """An activation store is missing, corrupt, truncated, or made for something else."""
 
 
+class LockedError(SaelabError):
+    """Another process holds the folder (run folder, store, cache) this one wants to write."""
+
+
+class NotWritableError(SaelabError):
+    """An output folder or file cannot be written (read-only, permission denied, disk full)."""
+
+
 class NonFiniteActivationError(StoreError):
     """NaN or inf in activations; the message names the shard and row."""
 

@@ -1,8 +1,16 @@
-"""Run an LM over a corpus and write the activations at one hook point to an activation store.
+"""Run an LM over a corpus and write the activations at one or more hook points to stores.
 
-Resumable and idempotent: a folder holding a complete store with the same settings is reused
-without loading the model; an incomplete one is continued after its last complete shard (the
-LM never reruns the windows already stored); a folder holding anything else is refused.
+Resumable and idempotent: a folder holding a complete store with the same settings is verified
+(every shard's size and sha256) and reused without loading the model; damaged shards are
+harvested again; an incomplete store is continued after its last good shard (the LM never
+reruns the windows already stored); a folder holding anything else is refused. Each store is
+held under an advisory lock (:mod:`saelab.locks`) while it is written: a second harvest into
+the same store waits for the first and then reuses its result.
+
+Several hooks (``HarvestConfig.hooks``) share one LM forward, stopped at the deepest hook; the
+stores go to ``<out>/<hook name>/`` and their rows align: row ``r`` of every store is the same
+(window, position). With the norm-outlier filter on, a row is kept only if it is no outlier at
+any of the hooks (recorded as ``outlier_hooks`` in each manifest).
 
 With ``with_grads`` the LM runs forward *and* backward (:func:`lm_loss_grads`) and each shard
 also holds the LM-loss gradient at the hook for every stored row. A store with grads is a
@@ -12,26 +20,41 @@ a store without grads is refused for a request with them.
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import logging
+import shutil
 import time
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import torch
-from torch import Tensor
+import torch.nn.functional as F
+from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from saelab.config import EMBEDDED, HarvestConfig
+from saelab.data.corpus import iter_documents
 from saelab.data.store import DTYPES, MANIFEST, ActivationStore, StoreSpec, StoreWriter
-from saelab.errors import SaelabError, StoreError
-
-if TYPE_CHECKING:
-    from saelab.models.loading import LoadedModel
+from saelab.data.windows import batch_windows, drop_norm_outliers, iter_windows, keep_mask
+from saelab.errors import (
+    ConfigError,
+    DatasetNotAvailableError,
+    HookError,
+    NotWritableError,
+    SaelabError,
+    StoreError,
+)
+from saelab.locks import hold_lock
+from saelab.models.hooks import KINDS, HookPoint, _activation, hook_module, parse_hook
+from saelab.models.loading import LoadedModel, load_model
 
 log = logging.getLogger(__name__)
+# order of the hook points inside one block: attention output, MLP output, block output
+_DEPTH = {"attn_out": 0, "mlp_out": 1, "resid_post": 2}
+assert set(_DEPTH) == set(KINDS)
 
 
 def _local_or_name(s: str) -> str:
@@ -56,10 +79,9 @@ def _data_settings(cfg: HarvestConfig) -> dict:
     }
 
 
-def _check_same_settings(store: ActivationStore, cfg: HarvestConfig) -> None:
+def _check_same_settings(store: ActivationStore, cfg: HarvestConfig, hook_arg: str,
+                         outlier_hooks: str) -> None:
     """Refuse a store made with other settings, without loading the model."""
-    from saelab.models.hooks import parse_hook
-
     m = store.manifest
     diffs = [
         f"{k}={m.get(k)!r} (asked {v!r})" for k, v in _data_settings(cfg).items() if m.get(k) != v
@@ -67,11 +89,13 @@ def _check_same_settings(store: ActivationStore, cfg: HarvestConfig) -> None:
     if _local_or_name(cfg.model.model) not in (m.get("model"), m.get("model_spec")):
         diffs.append(f"model={m['model']!r} (asked {cfg.model.model!r})")
     try:
-        hook = parse_hook(cfg.model.hook, int(m.get("n_layers", 0))).name
+        hook = parse_hook(hook_arg, int(m.get("n_layers", 0))).name
     except SaelabError:
-        hook = cfg.model.hook
+        hook = hook_arg
     if hook != store.hook:
-        diffs.append(f"hook={store.hook!r} (asked {cfg.model.hook!r})")
+        diffs.append(f"hook={store.hook!r} (asked {hook_arg!r})")
+    if m.get("outlier_hooks", "") != outlier_hooks:
+        diffs.append(f"outlier_hooks={m.get('outlier_hooks', '')!r} (asked {outlier_hooks!r})")
     if cfg.with_grads and not store.has_grads:
         diffs.append("no LM-loss gradients (asked --with-grads)")
     if diffs:
@@ -92,6 +116,29 @@ def _existing(path: Path) -> ActivationStore | None:
     return None
 
 
+def _reusable(store: ActivationStore, tokens: int) -> bool:
+    """A complete store with enough rows whose every shard passes its checksum (a damaged one
+    is harvested again from its first bad shard: warned, returns False)."""
+    if not (store.complete and (store.num_rows >= tokens or store.exhausted)):
+        return False
+    bad = store.damaged_shards()
+    if bad:
+        warnings.warn(
+            f"store {store.path}: {len(bad)} damaged shard(s) ({store.shards[bad[0]].file}"
+            f"{', ...' if len(bad) > 1 else ''}): harvesting again from {store.shards[bad[0]].file}",
+            stacklevel=3,
+        )
+        return False
+    if store.num_rows < tokens:
+        warnings.warn(
+            f"reusing {store.path}: its corpus ran out at {store.num_rows:,} rows "
+            f"(asked {tokens:,})",
+            stacklevel=3,
+        )
+    return True
+
+
+
 def _truncate(keep_BT: Tensor, need: int) -> tuple[Tensor, int]:
     """Keep only the first ``need`` kept positions; also return how many windows they span."""
     flat = keep_BT.flatten()
@@ -100,6 +147,7 @@ def _truncate(keep_BT: Tensor, need: int) -> tuple[Tensor, int]:
         return keep_BT, len(keep_BT)
     last = int(torch.searchsorted(cum, need))  # flat index of the need-th kept position
     return (flat & (cum <= need)).view_as(keep_BT), last // keep_BT.shape[1] + 1
+
 
 
 def lm_loss_grads(
@@ -123,11 +171,6 @@ def lm_loss_grads(
     Returns ``(acts_BTD, grads_BTD, keep_BT)``: acts detached, grads in the activations' dtype,
     keep as ``keep_fn`` returned it.
     """
-    import torch.nn.functional as F
-
-    from saelab.errors import HookError
-    from saelab.models.hooks import _activation, hook_module
-
     module = hook_module(model, hook)
     held: list[Tensor] = []
 
@@ -158,123 +201,272 @@ def lm_loss_grads(
     return acts_BTD.detach(), grads_BTD.detach(), keep_BT
 
 
+
+class _StopForward(Exception):
+    """Raised from a forward hook once every hook's activation is in: skips the rest."""
+
+
+def run_to_hooks(model: nn.Module, input_ids_BT: Tensor, hooks: list[HookPoint]) -> list[Tensor]:
+    """Activations ``[B, T, D]`` at every hook in one forward, stopped at the deepest hook."""
+    captured: dict[int, Tensor] = {}
+    handles = []
+
+    def grab(i: int) -> Callable[..., None]:
+        def record(_mod: nn.Module, _args: object, output: object) -> None:
+            captured[i] = _activation(output)
+            if len(captured) == len(hooks):
+                raise _StopForward
+
+        return record
+
+    try:
+        for i, hook in enumerate(hooks):
+            handles.append(hook_module(model, hook).register_forward_hook(grab(i)))
+        with torch.no_grad():
+            model(input_ids=input_ids_BT, use_cache=False)
+    except _StopForward:
+        pass
+    finally:
+        for h in handles:
+            h.remove()
+    missing = [str(h) for i, h in enumerate(hooks) if i not in captured]
+    if missing:
+        raise HookError(f"hook {', '.join(missing)}: the hooked module did not run in the forward")
+    return [captured[i] for i in range(len(hooks))]
+
+
+def store_paths(cfg: HarvestConfig) -> dict[str, Path]:
+    """Store folder of each hook (canonical name): ``cfg.store`` itself for one hook,
+    ``cfg.store/<hook>`` for several."""
+    names = [parse_hook(h).name for h in cfg.hook_names()]
+    if len(set(names)) != len(names):
+        raise ConfigError(f"--hook names one hook twice ({', '.join(cfg.hook_names())})")
+    out = Path(cfg.store)
+    if len(names) == 1:
+        return {names[0]: out}
+    if (out / MANIFEST).exists() or (out.exists() and not out.is_dir()):
+        raise StoreError(
+            f"{out} is {'an activation store' if out.is_dir() else 'a file'}; with several "
+            f"--hook, --out names a parent folder for one store per hook: pass another --out"
+        )
+    return {n: out / n for n in names}
+
+
 def harvest(
     cfg: HarvestConfig, progress: bool = True, lm: LoadedModel | None = None
 ) -> ActivationStore:
-    """Harvest ``cfg.tokens`` activation rows into ``cfg.store`` (or reuse/resume it).
+    """Harvest ``cfg.tokens`` activation rows at one hook into ``cfg.store`` (or reuse/resume
+    it). ``lm``: an already loaded ``cfg.model`` (saves loading it twice); else loaded on
+    demand. For several hooks use :func:`harvest_hooks`."""
+    if len(cfg.hook_names()) > 1:
+        raise ConfigError("harvest() takes one hook; use harvest_hooks() for several")
+    return next(iter(harvest_hooks(cfg, progress, lm).values()))
 
-    ``lm``: an already loaded ``cfg.model`` (saves loading it twice); else loaded on demand.
+
+@dataclass
+class _Slot:
+    """One store being written: its hook's index in the forward, its writer, progress."""
+
+    index: int
+    path: Path
+    writer: StoreWriter
+    created: bool  # this call made the folder (removed again if it ends up empty)
+    rows: int = 0
+    done: int = 0  # windows already in the store
+    reached: bool = False
+    start_rows: int = 0
+    prev_seconds: float = 0.0
+
+
+def harvest_hooks(
+    cfg: HarvestConfig, progress: bool = True, lm: LoadedModel | None = None
+) -> dict[str, ActivationStore]:
+    """Harvest every hook of ``cfg.hook_names()``, one store each (see the module docstring).
+
+    Returns ``{hook name: store}`` in the order given.
     """
     cfg.validate()
-    path = Path(cfg.store)
-    store = _existing(path)
-    # an existing store with grads stays one (a superset serves requests without grads)
-    with_grads = cfg.with_grads or (store is not None and store.has_grads)
-    if store is not None:
-        _check_same_settings(store, cfg)
-        if store.complete and (store.num_rows >= cfg.tokens or store.exhausted):
-            if store.num_rows < cfg.tokens:
-                warnings.warn(
-                    f"reusing {path}: its corpus ran out at {store.num_rows:,} rows "
-                    f"(asked {cfg.tokens:,})",
-                    stacklevel=2,
-                )
-            return store
+    paths = store_paths(cfg)
+    names = list(paths)
+    multi = len(names) > 1
+    outlier_hooks = ",".join(names) if multi and cfg.data.exclude_norm_outliers > 0 else ""
+    hint = "wait for it or choose another --out"
+    with contextlib.ExitStack() as locks:
+        for name in sorted(names):  # a fixed order: two multi-hook harvests cannot deadlock
+            locks.enter_context(hold_lock(paths[name], "harvest", wait=True, hint=hint))
+        ready: dict[str, ActivationStore] = {}
+        existing: dict[str, ActivationStore | None] = {}
+        for arg, name in zip(cfg.hook_names(), names, strict=True):
+            store = existing[name] = _existing(paths[name])
+            if store is not None:
+                _check_same_settings(store, cfg, arg, outlier_hooks)
+                if _reusable(store, cfg.tokens):
+                    ready[name] = store
+        if len(ready) == len(names):
+            return {n: ready[n] for n in names}
+        try:
+            made = _run(cfg, paths, existing, set(ready), outlier_hooks, progress, lm)
+        except OSError as e:
+            where = e.filename or cfg.store
+            raise NotWritableError(
+                f"cannot write {where} ({e.strerror or e}); shards already written are kept "
+                f"and a rerun continues from them: free disk space or choose a writable --out"
+            ) from None
+    return {n: ready.get(n) or made[n] for n in names}
 
-    from saelab.data.corpus import iter_documents
-    from saelab.data.windows import batch_windows, drop_norm_outliers, iter_windows, keep_mask
-    from saelab.models.hooks import parse_hook, run_to_hook
-    from saelab.models.loading import load_model
 
+def _run(cfg: HarvestConfig, paths: dict[str, Path], existing: dict, ready: set[str],
+         outlier_hooks: str, progress: bool, lm: LoadedModel | None
+         ) -> dict[str, ActivationStore]:
+    names = list(paths)
     lm = lm or load_model(cfg.model)
-    hook = parse_hook(cfg.model.hook, lm.n_layers)
+    hooks = [parse_hook(h, lm.n_layers) for h in cfg.hook_names()]
+    depth = {h.name: (h.layer, _DEPTH[h.kind]) for h in hooks}
+    # with outliers filtered jointly every hook's activation is needed, else only pending ones
+    needed = [h for h in hooks if outlier_hooks or h.name not in ready]
+    needed.sort(key=lambda h: depth[h.name])
+    with_grads = cfg.with_grads or any(s is not None and s.has_grads for s in existing.values())
+    if with_grads and len(needed) > 1:
+        raise ConfigError("stores with LM-loss gradients are harvested one hook at a time: "
+                          "give a single --hook")
     data = _data_settings(cfg)
-    spec = StoreSpec(
-        model=lm.name,
-        hook=hook.name,
-        d_in=lm.d_model,
-        model_spec=_local_or_name(cfg.model.model),
-        n_layers=lm.n_layers,
-        model_dtype=str(lm.dtype).removeprefix("torch."),
-        with_grads=with_grads,
-        **data,
-    )
-    writer = StoreWriter(path, spec, cfg.shard_rows, target_rows=cfg.tokens)
-    done, rows = writer.windows_done, writer.rows
-    if done:
-        log.info("resuming %s after %d windows (%d rows)", path, done, rows)
+    B, T = cfg.lm_batch_size, cfg.data.context_size
 
+    def spec_for(name: str) -> StoreSpec:
+        return StoreSpec(
+            model=lm.name, hook=name, d_in=lm.d_model,
+            model_spec=_local_or_name(cfg.model.model), n_layers=lm.n_layers,
+            model_dtype=str(lm.dtype).removeprefix("torch."), with_grads=with_grads,
+            outlier_hooks=outlier_hooks, **data,
+        )
+
+    slots: dict[str, _Slot] = {}
+    pending = [n for n in names if n not in ready]
+    fresh = [n for n in pending if existing[n] is None]
+    for n in pending:  # existing stores first: they fix where the corpus must resume
+        if n not in fresh:
+            slots[n] = _open_slot(cfg, paths[n], spec_for(n), needed, n, created=False)
     # Batches are aligned to multiples of lm_batch_size from window 0, so a resumed run feeds
     # the LM exactly the batches an uninterrupted one would: bit-identical activations.
-    B, T = cfg.lm_batch_size, cfg.data.context_size
-    first = done // B * B
-    docs = iter_documents(cfg.data, cfg.split)
-    windows = itertools.islice(
-        iter_windows(docs, lm.tokenizer, T, cfg.data.prepend_bos), first, None
-    )
-    prev_seconds = writer.manifest.get("harvest_stats", {}).get("seconds", 0.0)
-    bar = tqdm(
-        total=cfg.tokens,
-        initial=rows,
-        unit="tok",
-        unit_scale=True,
-        disable=not progress,
-        desc=f"harvest {hook.name}",
-    )
-    start, start_rows, w_index = time.perf_counter(), rows, first
-    reached = rows >= cfg.tokens  # only after a crash between the last shard and finish()
-    outliers = cfg.data.exclude_norm_outliers
+    first = 0 if fresh else min(s.done for s in slots.values()) // B * B
+    counted = _Counted(iter_documents(cfg.data, cfg.split))
+    windows = itertools.islice(iter_windows(counted, lm.tokenizer, T, cfg.data.prepend_bos),
+                               first, None)
+    # read the corpus before creating any folder: a failed dataset load or a corpus too small
+    # for one window leaves nothing behind
+    head = next(windows, None)
+    if head is None and first == 0:
+        raise DatasetNotAvailableError(
+            f"dataset {cfg.data.dataset!r} has no complete window of {T} tokens in its "
+            f"{cfg.split} split ({counted.n} document(s)): give a bigger corpus or a smaller "
+            f"--context-size"
+        )
+    windows = itertools.chain([head] if head is not None else [], windows)
     try:
-        for windows_BT in () if reached else batch_windows(windows, B):
-            skip = max(0, done - w_index)  # windows of this batch already stored
+        for n in fresh:
+            slots[n] = _open_slot(cfg, paths[n], spec_for(n), needed, n,
+                                  created=not paths[n].exists())
+        _fill(cfg, lm, list(slots.values()), needed, windows, first, with_grads, progress)
+    except BaseException:
+        for s in slots.values():  # an interrupted first harvest leaves no empty store behind
+            if s.created and not s.writer.shards:
+                shutil.rmtree(s.path, ignore_errors=True)
+        raise
+    return {n: s.writer.finish(exhausted=not s.reached) for n, s in slots.items()}
+
+
+class _Counted:
+    """Iterate documents, counting them (for the message when a corpus is too small)."""
+
+    def __init__(self, docs: Iterable[str]):
+        self._docs, self.n = iter(docs), 0
+
+    def __iter__(self) -> Iterator[str]:
+        for doc in self._docs:
+            self.n += 1
+            yield doc
+
+
+def _open_slot(cfg: HarvestConfig, path: Path, spec: StoreSpec, needed: list[HookPoint],
+               name: str, created: bool) -> _Slot:
+    writer = StoreWriter(path, spec, cfg.shard_rows, target_rows=cfg.tokens)
+    slot = _Slot(index=[h.name for h in needed].index(name), path=path, writer=writer,
+                 created=created, rows=writer.rows, done=writer.windows_done)
+    slot.reached = slot.rows >= cfg.tokens  # only after a crash between last shard and finish
+    slot.start_rows = slot.rows
+    slot.prev_seconds = writer.manifest.get("harvest_stats", {}).get("seconds", 0.0)
+    if slot.done:
+        log.info("resuming %s after %d windows (%d rows)", path, slot.done, slot.rows)
+    return slot
+
+
+def _fill(cfg: HarvestConfig, lm: LoadedModel, slots: list[_Slot], needed: list[HookPoint],
+          windows: Iterable[Tensor], first: int, with_grads: bool, progress: bool) -> None:
+    """Run the LM over ``windows`` (window ``first`` onwards) and feed every slot its rows."""
+    B = cfg.lm_batch_size
+    outliers = cfg.data.exclude_norm_outliers
+    store_dtype = DTYPES[cfg.store_dtype]
+    label = needed[0].name if len(needed) == 1 else f"{len(slots)} hooks"
+    bar = tqdm(total=cfg.tokens * len(slots), initial=sum(s.rows for s in slots), unit="tok",
+               unit_scale=True, disable=not progress, desc=f"harvest {label}")
+    start, w_index = time.perf_counter(), first
+    try:
+        for windows_BT in batch_windows(windows, B):
+            w0 = w_index
             w_index += len(windows_BT)
-            keep_BT = keep_mask(
-                windows_BT,
-                lm.tokenizer,
-                cfg.data.exclude_first_positions,
-                cfg.data.exclude_special_tokens,
-            ).cpu()
+            active = [s for s in slots if not s.reached and s.done < w_index]
+            if not active:
+                if all(s.reached for s in slots):
+                    break
+                continue
+            base_BT = keep_mask(windows_BT, lm.tokenizer, cfg.data.exclude_first_positions,
+                                cfg.data.exclude_special_tokens).cpu()
+            ids_BT = windows_BT.to(lm.device)
             grads_BTD = None
             if with_grads:
                 # the loss scores every kept position of the batch (before truncation), so a
                 # row's gradient does not depend on where the harvest stops
                 acts_BTD, grads_BTD, keep_BT = lm_loss_grads(
-                    lm.model, windows_BT.to(lm.device), hook,
-                    lambda a, k=keep_BT: drop_norm_outliers(a, k, outliers))
+                    lm.model, ids_BT, needed[0],
+                    lambda a, k=base_BT: drop_norm_outliers(a, k, outliers))
+                acts = [acts_BTD]
             else:
                 with torch.inference_mode():
-                    acts_BTD = run_to_hook(lm.model, windows_BT.to(lm.device), hook)
-                keep_BT = drop_norm_outliers(acts_BTD, keep_BT, outliers)
-            keep_BT, n_win = _truncate(keep_BT[skip:], cfg.tokens - rows)
-            windows_BT, acts_BTD = windows_BT[skip : skip + n_win], acts_BTD[skip : skip + n_win]
-            keep_BT = keep_BT[:n_win]
-            # select and cast on the LM's device: one transfer of the kept rows only
-            keep_dev = keep_BT.to(acts_BTD.device)
-            acts_ND = acts_BTD[keep_dev].to(DTYPES[cfg.store_dtype])
-            grads_ND = None
-            if grads_BTD is not None:
-                grads_ND = grads_BTD[skip : skip + n_win][keep_dev].to(DTYPES[cfg.store_dtype])
-            writer.add(windows_BT, keep_BT, acts_ND, grads_ND)
-            rows += len(acts_ND)
-            bar.update(len(acts_ND))
-            elapsed = time.perf_counter() - start
-            writer.update(
-                harvest_stats={
-                    "seconds": prev_seconds + elapsed,
-                    "tokens_per_s": (rows - start_rows) / max(elapsed, 1e-9),
+                    acts = run_to_hooks(lm.model, ids_BT, needed)
+                keep_BT = base_BT
+                for a in acts:  # each hook's outliers judged on the same base mask
+                    keep_BT = keep_BT & drop_norm_outliers(a, base_BT, outliers)
+            for s in active:
+                skip = max(0, s.done - w0)  # windows of this batch already stored
+                k_BT, n_win = _truncate(keep_BT[skip:], cfg.tokens - s.rows)
+                k_BT = k_BT[:n_win]
+                # select and cast on the LM's device: one transfer of the kept rows only
+                k_dev = k_BT.to(acts[s.index].device)
+                acts_ND = acts[s.index][skip : skip + n_win][k_dev].to(store_dtype)
+                grads_ND = None
+                if grads_BTD is not None:
+                    grads_ND = grads_BTD[skip : skip + n_win][k_dev].to(store_dtype)
+                s.writer.add(windows_BT[skip : skip + n_win], k_BT, acts_ND, grads_ND)
+                s.rows += len(acts_ND)
+                s.done = w0 + skip + n_win
+                bar.update(len(acts_ND))
+                elapsed = time.perf_counter() - start
+                s.writer.update(harvest_stats={
+                    "seconds": s.prev_seconds + elapsed,
+                    "tokens_per_s": (s.rows - s.start_rows) / max(elapsed, 1e-9),
                     "device": str(lm.device),
                     "lm_batch_size": B,
-                }
-            )
-            if rows >= cfg.tokens:
-                reached = True
+                    "hooks_per_forward": len(needed),
+                })
+                s.reached = s.rows >= cfg.tokens
+            if all(s.reached for s in slots):
                 break
     finally:
         bar.close()
-    if not reached:
+    short = [s for s in slots if not s.reached]
+    if short:
         warnings.warn(
-            f"the corpus ran out after {rows:,} rows (asked {cfg.tokens:,}); the "
-            f"store at {path} holds what there is",
-            stacklevel=2,
+            f"the corpus ran out after {short[0].rows:,} rows (asked {cfg.tokens:,}); the "
+            f"store at {short[0].path} holds what there is",
+            stacklevel=4,
         )
-    return writer.finish(exhausted=not reached)

@@ -20,6 +20,7 @@ import json
 import math
 import os
 import warnings
+from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Any
 
@@ -28,11 +29,12 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import Tensor
 
-from saelab.config import SAEConfig, from_dict
+from saelab.config import SAEConfig
+from saelab.dtypes import DTYPES, dtype_name
 from saelab.errors import ConfigError, SAEFormatError
 from saelab.fsutil import atomic_folder
 from saelab.saes.base import SAE
-from saelab.saes.registry import architectures, get_family
+from saelab.saes.registry import architectures, get_family, sae_config_from_dict
 
 CFG_FILENAME = "cfg.json"
 WEIGHTS_FILENAME = "sae_weights.safetensors"
@@ -42,18 +44,10 @@ METRICS_FILENAME = "metrics.json"
 #: written as ``metadata.sae_lens_version``: SAELens treats a config without a version >= 6.0
 #: as pre-6.0 and rewrites it, so this marks the layout, not a SAELens install.
 SAELENS_FORMAT_VERSION = "6.0.0"
-#: version of our ``saelab`` block in cfg.json
-SAELAB_FORMAT_VERSION = 1
-
-#: SAELens architecture → saelab family (for folders without a ``saelab`` block)
-SAELENS_TO_SAELAB = {"standard": "relu", "gated": "gated", "jumprelu": "jumprelu", "topk": "topk"}
-
-_DTYPES = {
-    "float32": torch.float32,
-    "float64": torch.float64,
-    "float16": torch.float16,
-    "bfloat16": torch.bfloat16,
-}
+#: version of our ``saelab`` block in cfg.json: 2 stores only the family's options
+#: (``config.options``); 1 stored every family's option group. Both load.
+SAELAB_FORMAT_VERSION = 2
+SAELAB_FORMAT_VERSIONS = (1, 2)
 # SAELens keeps these in ``metadata`` since 6.0; older versions had them at the top level.
 _LEGACY_METADATA_KEYS = (
     "model_name",
@@ -214,7 +208,7 @@ def load_sae(
     if target_dtype is None:
         target_dtype = tensors["W_enc"].dtype if "W_enc" in tensors else torch.float32
     if "saelab" not in cfg:
-        _upgrade_saelens_tensors(tensors)
+        family.from_saelens_tensors(tensors)  # older SAELens tensor layouts
 
     # Build on the meta device: no memory is allocated before the real tensors are assigned.
     sae = family(sae_cfg, device="meta", dtype=target_dtype)
@@ -246,44 +240,38 @@ def _resolve_folder(path: str | Path) -> Path:
     raise SAEFormatError(f"SAE folder {folder} does not exist")
 
 
+def saelens_families() -> dict[str, type[SAE]]:
+    """SAELens architecture → the saelab family that loads it (folders without a ``saelab``
+    block): each family declares the architectures it loads in ``saelens_loads``."""
+    out: dict[str, type[SAE]] = {}
+    for cls in architectures().values():
+        for arch in cls.__dict__.get("saelens_loads", ()):
+            out[arch] = cls
+    return out
+
+
 def _family_and_config(cfg: dict[str, Any], folder: Path) -> tuple[type[SAE], SAEConfig]:
     block = cfg.get("saelab")
     if isinstance(block, dict):
+        fmt = block.get("format_version", 1)
+        if fmt not in SAELAB_FORMAT_VERSIONS:
+            raise SAEFormatError(
+                f"{folder / CFG_FILENAME}: saelab format_version {fmt!r} is newer than this "
+                f"saelab reads ({', '.join(map(str, SAELAB_FORMAT_VERSIONS))}): upgrade saelab")
         name = block.get("architecture")
         values = dict(block.get("config") or {})
         values["architecture"] = name
     else:
         arch = cfg.get("architecture", "standard")  # pre-6.0 configs had no architecture key
-        name = SAELENS_TO_SAELAB.get(arch)
-        if name is None:
+        loaders = saelens_families()
+        if arch not in loaders:
             raise SAEFormatError(
                 f"{folder}: unknown architecture {arch!r}; saelab loads SAELens architectures "
-                f"{', '.join(sorted(SAELENS_TO_SAELAB))}"
-            )
-        # Pre-6.0 SAELens stored TopK SAEs as "standard" with activation_fn "topk".
-        act = cfg.get("activation_fn", cfg.get("activation_fn_str", "relu"))
-        if act not in (None, "relu"):
-            raise SAEFormatError(
-                f"{folder}: activation_fn {act!r} is not supported; saelab loads ReLU-based "
-                "standard, gated, jumprelu and topk SAEs"
+                f"{', '.join(sorted(loaders))}"
             )
         _check_normalization(cfg, folder)
-        values = {
-            "architecture": name,
-            "apply_b_dec_to_input": bool(cfg.get("apply_b_dec_to_input", True)),
-            "normalize_activations": "none",
-        }
-        if name == "topk":
-            k = cfg.get("k")
-            if not isinstance(k, int) or isinstance(k, bool) or k < 1:
-                raise SAEFormatError(f"{folder / CFG_FILENAME}: topk needs a positive integer k, "
-                                     f"got {k!r}")
-            if cfg.get("rescale_acts_by_decoder_norm"):
-                raise SAEFormatError(
-                    f"{folder}: rescale_acts_by_decoder_norm=true selects latents by "
-                    "π·‖d_i‖, which saelab's topk does not do; normalise the decoder in SAELens "
-                    "first (fold_W_dec_norm) and save again")
-            values["topk"] = {"k": k}
+        values = loaders[arch].from_saelens_cfg(cfg, folder)
+        name = values["architecture"]
     if name not in architectures():
         raise SAEFormatError(
             f"{folder}: unknown architecture {name!r}; choose one of "
@@ -298,7 +286,7 @@ def _family_and_config(cfg: dict[str, Any], folder: Path) -> tuple[type[SAE], SA
         values[key] = value
     family = get_family(name)
     try:
-        return family, family.resolve_config(from_dict(SAEConfig, values))
+        return family, family.resolve_config(sae_config_from_dict(values))
     except (ConfigError, TypeError) as e:
         raise SAEFormatError(f"{folder / CFG_FILENAME}: invalid saelab config: {e}") from None
 
@@ -318,17 +306,6 @@ def _check_normalization(cfg: dict[str, Any], folder: Path) -> None:
         "so the SAE expects inputs already scaled as in training",
         stacklevel=4,  # the caller of load_sae
     )
-
-
-def _upgrade_saelens_tensors(tensors: dict[str, Tensor]) -> None:
-    """Rewrite older SAELens tensor layouts into the 6.x names, in place."""
-    if "log_threshold" in tensors and "threshold" not in tensors:
-        tensors["threshold"] = tensors.pop("log_threshold").exp()
-    for key in ("scaling_factor", "finetuning_scaling_factor"):
-        scale = tensors.pop(key, None)
-        # Old SAELens decoded (f ⊙ s) W_dec: fold s into the decoder rows (exact).
-        if scale is not None and "W_dec" in tensors and not torch.all(scale == 1):
-            tensors["W_dec"] = tensors["W_dec"] * scale.to(tensors["W_dec"].dtype)[:, None]
 
 
 def _check_tensors(sae: SAE, tensors: dict[str, Tensor], weights_path: Path) -> None:
@@ -356,21 +333,21 @@ def _check_tensors(sae: SAE, tensors: dict[str, Tensor], weights_path: Path) -> 
 
 # ---- helpers ---------------------------------------------------------------------------------
 def _dtype_name(dtype: torch.dtype) -> str:
-    for name, value in _DTYPES.items():
-        if value == dtype:
-            return name
-    raise ValueError(
-        f"cannot save an SAE with dtype {dtype}: SAELens supports {', '.join(_DTYPES)}"
-    )
+    name = dtype_name(dtype)
+    if name is None:
+        raise ValueError(
+            f"cannot save an SAE with dtype {dtype}: SAELens supports {', '.join(DTYPES)}"
+        )
+    return name
 
 
 def _parse_dtype(value: torch.dtype | str | None, folder: Path) -> torch.dtype | None:
     if value is None or isinstance(value, torch.dtype):
         return value
     name = str(value).removeprefix("torch.")
-    if name not in _DTYPES:
-        raise SAEFormatError(f"{folder}: unknown dtype {value!r}; use one of {', '.join(_DTYPES)}")
-    return _DTYPES[name]
+    if name not in DTYPES:
+        raise SAEFormatError(f"{folder}: unknown dtype {value!r}; use one of {', '.join(DTYPES)}")
+    return DTYPES[name]
 
 
 def _jsonable(obj: Any) -> Any:
@@ -406,8 +383,6 @@ def _write_json(path: Path, obj: Any) -> None:
 
 
 def _saelab_version() -> str:
-    from importlib.metadata import PackageNotFoundError, version
-
     try:
         return version("saelab")
     except PackageNotFoundError:

@@ -1,6 +1,10 @@
 """`saelab train` end to end: store (harvest or reuse) → train → fold → evaluate → save.
 
 Each stage only reads what the previous one produced; the trainer sees activation batches only.
+A family whose dictionary is not learnt by gradient descent defines
+``fit_from_batches(batches, total_rows, progress)`` on the SAE; the pipeline then streams it the
+same (normalised) training batches instead of running the trainer, and folds, saves and
+evaluates as usual.
 """
 
 from __future__ import annotations
@@ -8,20 +12,20 @@ from __future__ import annotations
 import copy
 import hashlib
 import json
-import shutil
 import time
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
 
-from saelab.config import HarvestConfig, RunConfig, from_dict
+from saelab.config import HarvestConfig, RunConfig
 from saelab.errors import RunFolderError
-from saelab.fsutil import atomic_write_json
+from saelab.runfolder import RUN_CONFIG, SAE_DIR, RunFolder
 from saelab.runtime import cache_root
 
-RUN_CONFIG = "run_config.json"
-SAE_DIR = "sae"
+__all__ = ["RUN_CONFIG", "SAE_DIR", "RunSummary", "default_store_path", "evaluate_and_save",
+           "evaluate_run", "fit_sae", "prepare_run", "resolve_store", "train_run"]
 
 
 def default_store_path(cfg: RunConfig, tokens: int) -> Path:
@@ -54,36 +58,17 @@ class RunSummary:
 
 def prepare_run_dir(out: Path, resume: bool, overwrite: bool) -> None:
     """Refuse to clobber: a folder holding a run needs --resume or --overwrite."""
-    if not out.exists():
-        if resume:
-            raise RunFolderError(f"--resume: {out} does not exist; run without --resume")
-        return
-    is_run = (out / RUN_CONFIG).exists()
-    has_files = any(out.iterdir())
-    if resume:
-        if not is_run:
-            raise RunFolderError(f"--resume: {out} holds no saelab run ({RUN_CONFIG} missing)")
-        return
-    if is_run and not overwrite:
-        raise RunFolderError(
-            f"{out} already holds a run: pass --resume to continue it or --overwrite to replace it"
-        )
-    if has_files and not is_run:
-        raise RunFolderError(
-            f"{out} is not empty and holds no saelab run: choose another --out (nothing was written)"
-        )
-    if overwrite and is_run:
-        shutil.rmtree(out)
+    RunFolder(out).prepare(resume, overwrite)
 
 
 def resolve_store(cfg: RunConfig, lm, hook_name: str, progress: bool):
     """Open ``cfg.store`` or harvest (or reuse) the cached store for this model/hook/corpus."""
-    from saelab.data.store import ActivationStore
+    from saelab.data.interop import open_store
     from saelab.harvest import harvest
 
     grads = needs_lm_grads(cfg)
     if cfg.store:
-        store = ActivationStore.open(cfg.store)
+        store = open_store(cfg.store, progress=progress)  # a saelab store or a SAELens dataset
         if grads and not store.has_grads:
             from saelab.errors import StoreError
 
@@ -109,37 +94,60 @@ def train_run(cfg: RunConfig, progress: bool = True, log=print, *, lm=None, stor
     ``eval_baseline`` (an :class:`~saelab.evals.evaluate.EvalBaseline` for ``cfg``'s hook,
     data and eval settings).
     """
+    from saelab import dist
+    from saelab.evals.facts import RunFacts
+    from saelab.evals.registry import metrics_of
     from saelab.models.hooks import parse_hook
     from saelab.models.loading import load_model
     from saelab.runtime import tune_malloc
+    from saelab.train.distributed import init_from_env, prepare_ranks
 
     out = Path(cfg.out)
-    cfg = prepare_run(cfg)
-    tune_malloc()
+    if init_from_env(cfg.model.device) and not dist.is_main():
+        return _train_other_rank(cfg, out, store)
+    with RunFolder(out).lock("train"):
+        cfg = prepare_ranks(cfg, prepare_run) if dist.is_distributed() else prepare_run(cfg)
+        tune_malloc()
 
-    lm = lm or load_model(cfg.model)
-    hook = parse_hook(cfg.model.hook, lm.n_layers)
-    if store is None:
-        store = resolve_store(cfg, lm, hook.name, progress)
-    final, result = fit_sae(cfg, store, out, progress=progress, log=log)
-    extra = {"train_tokens_per_second": result.tokens_per_second,
-             "train_seconds": result.seconds}
-    metrics = evaluate_and_save(final, lm, hook, cfg, out, progress=progress,
-                                baseline=eval_baseline, extra=extra)
+        lm = lm or load_model(cfg.model)
+        hook = parse_hook(cfg.model.hook, lm.n_layers)
+        if store is None:
+            store = resolve_store(cfg, lm, hook.name, progress)
+        final, result = fit_sae(cfg, store, out, progress=progress, log=log)
+        extra = metrics_of(RunFacts(train_tokens_per_second=result.tokens_per_second,
+                                    train_seconds=result.seconds))
+        metrics = evaluate_and_save(final, lm, hook, cfg, out, progress=progress,
+                                    baseline=eval_baseline, extra=extra)
     return RunSummary(out, metrics, result.seconds, result.tokens_per_second, Path(store.path))
+
+
+def _train_other_rank(cfg: RunConfig, out: Path, store=None) -> RunSummary:
+    """A data-parallel rank > 0: train its slice of every batch and write nothing (rank 0
+    prepares the folder, checks the store, writes checkpoints, evaluates and saves)."""
+    from saelab.data.interop import open_store
+    from saelab.runtime import tune_malloc
+    from saelab.train.distributed import prepare_ranks
+
+    cfg = prepare_ranks(cfg, prepare_run)
+    tune_malloc()
+    store = store or open_store(cfg.store)  # a SAELens dataset: waits for rank 0's import
+    _, result = fit_sae(cfg, store, out, progress=False, log=lambda *_: None)
+    return RunSummary(out, {}, result.seconds, result.tokens_per_second, Path(store.path))
 
 
 def prepare_run(cfg: RunConfig) -> RunConfig:
     """Check the run folder and the config; on ``resume``, return the run's saved config."""
     from saelab.saes.registry import get_family
 
-    out = Path(cfg.out)
-    prepare_run_dir(out, cfg.resume, cfg.overwrite)
+    run = RunFolder(Path(cfg.out))
+    run.prepare(cfg.resume, cfg.overwrite)
     if cfg.resume:
-        saved = from_dict(RunConfig, json.loads((out / RUN_CONFIG).read_text()))
+        saved = run.load_config()
         saved.resume, saved.overwrite = True, False
+        saved.out = cfg.out
         cfg = saved
     cfg.validate()
+    _validate_family(cfg)
     if not get_family(cfg.sae.architecture).trainable:
         from saelab.errors import ConfigError
 
@@ -147,9 +155,19 @@ def prepare_run(cfg: RunConfig) -> RunConfig:
     return cfg
 
 
+def _validate_family(cfg: RunConfig) -> None:
+    """The family and its options (the registry's check, where it has one)."""
+    try:
+        from saelab.saes.registry import validate_sae_config
+    except ImportError:
+        return
+    validate_sae_config(cfg.sae)
+
+
 def fit_sae(cfg: RunConfig, store, out: Path, progress: bool = True, log=print):
     """Build the SAE, train it on ``store`` (resuming from ``out``'s checkpoint when
-    ``cfg.resume``) and return ``(exported SAE on raw activations, TrainResult)``."""
+    ``cfg.resume``) and return ``(exported SAE on raw activations, TrainResult)``. A family
+    with ``fit_from_batches`` is fitted from the batch stream instead of the trainer."""
     from saelab.data.stream import ActivationStream, estimate_norm_scale
     from saelab.runtime import parse_dtype, resolve_device
     from saelab.saes.registry import build_sae
@@ -168,35 +186,62 @@ def fit_sae(cfg: RunConfig, store, out: Path, progress: bool = True, log=print):
     drop = cfg.data.exclude_first_positions
     scale = estimate_norm_scale(store, sae.cfg.normalize_activations, drop_positions_below=drop)
 
-    out.mkdir(parents=True, exist_ok=True)
-    if not cfg.resume:
-        atomic_write_json(out / RUN_CONFIG, asdict(cfg))
+    from saelab import dist
+
+    run = RunFolder(out)
+    if not cfg.resume and dist.is_main():
+        run.save_config(cfg)
+    if hasattr(sae, "fit_from_batches"):
+        result = _fit_without_gradients(sae, cfg, store, scale, device, progress, log)
+        return export_sae(sae, scale), result
     trainer = Trainer(sae, cfg.train, run_dir=out, input_scale=scale, progress=progress)
     start = trainer.resume() if cfg.resume else 0
     if cfg.resume:
         log(f"resuming at step {start}/{trainer.total_steps}")
     stream = ActivationStream(store, cfg.train.batch_size, cfg.train.shuffle_buffer_rows,
                               seed=cfg.train.seed, device=device, start_batch=start,
-                              drop_positions_below=drop, with_grads=sae.uses_lm_grads)
+                              drop_positions_below=drop, with_grads=sae.uses_lm_grads,
+                              rank=dist.rank(), world_size=dist.world_size())
     if not cfg.resume:
         # Sampling reads its own shards; it does not advance the batch stream.
         sae.init_from_data(stream.sample(min(32_768, store.num_rows), seed=cfg.train.seed) * scale)
     result = trainer.fit(iter(stream))
     if result.steps == start and start > 0:
         # resumed after training had finished (interrupted in eval): keep the logged speed
-        result.tokens_per_second = _last_logged(out, "tokens_per_second", 0.0)
+        result.tokens_per_second = run.last_logged("tokens_per_second", 0.0)
     log(f"trained {result.steps} steps ({result.tokens:,} tokens) at "
         f"{result.tokens_per_second:,.0f} tokens/s")
     return export_sae(sae, scale), result
 
 
-def _last_logged(out: Path, key: str, default: float) -> float:
-    path = out / "metrics.jsonl"
-    lines = path.read_text().splitlines() if path.exists() else []
-    for line in reversed(lines):
-        if line.strip() and key in (rec := json.loads(line)):
-            return float(rec[key])
-    return default
+def _fit_without_gradients(sae, cfg: RunConfig, store, scale: float, device, progress: bool,
+                           log):
+    """Stream the training batches (the trainer's stream and input scale, ``tokens`` rows) to
+    ``sae.fit_from_batches``; no checkpoints (such fits are not resumable: a resumed run
+    fits again)."""
+    from saelab.data.stream import ActivationStream
+    from saelab.train.trainer import TrainResult
+
+    n_batches = cfg.train.total_steps
+    stream = ActivationStream(store, cfg.train.batch_size, cfg.train.shuffle_buffer_rows,
+                              seed=cfg.train.seed, device=device,
+                              drop_positions_below=cfg.data.exclude_first_positions,
+                              with_grads=sae.uses_lm_grads)
+
+    def batches() -> Iterator[torch.Tensor]:
+        for i, batch in enumerate(stream):
+            if i >= n_batches:
+                return
+            x_BD = batch[0] if isinstance(batch, tuple | list) else batch
+            yield x_BD.to(device, sae.W_dec.dtype) * scale
+
+    total = n_batches * cfg.train.batch_size
+    t0 = time.perf_counter()
+    with torch.no_grad():
+        sae.fit_from_batches(batches(), total, progress)
+    secs = time.perf_counter() - t0
+    log(f"fitted {sae.architecture} from {total:,} rows in {secs:.1f} s")
+    return TrainResult(n_batches, total, secs, total / secs if secs > 0 else 0.0, {})
 
 
 def export_sae(sae, input_scale: float):
@@ -212,20 +257,56 @@ def export_sae(sae, input_scale: float):
 
 
 def evaluate_and_save(sae, lm, hook, cfg: RunConfig, out: Path, progress: bool = True,
-                      baseline=None, extra: dict | None = None) -> dict:
-    """Evaluate, save the SAE (with sparsity and metrics) and write ``metrics.json`` once,
-    including ``extra`` (training facts): a run folder with ``metrics.json`` is finished."""
+                      baseline=None, extra: dict | None = None,
+                      evals: list[str] | None = None, keep: dict | None = None) -> dict:
+    """Run the evals (default: all; ``cfg.skip_ce`` drops the LM splices), save the SAE (with
+    sparsity and metrics) and write ``metrics.json`` once, including ``extra`` (training facts)
+    and the metrics of ``keep`` that these evals did not measure: a run folder with
+    ``metrics.json`` is finished."""
     from saelab.evals.evaluate import evaluate
+    from saelab.evals.facts import RunFacts
     from saelab.evals.metrics import log10_density
+    from saelab.evals.registry import metrics_of
     from saelab.io import save_sae
     from saelab.report.plots import plot_density
 
+    run = RunFolder(out)
     t0 = time.perf_counter()
     res = evaluate(sae, lm, hook, cfg.data, cfg.eval, skip_ce=cfg.skip_ce, progress=progress,
-                   baseline=baseline)
-    metrics = {**res.metrics, "eval_seconds": time.perf_counter() - t0,
-               "eval_ce_seconds": res.seconds.get("ce", 0.0), **(extra or {})}
-    meta = {
+                   baseline=baseline, evals=evals)
+    timing = RunFacts(eval_seconds=time.perf_counter() - t0,
+                      eval_ce_seconds=res.seconds.get("ce", 0.0))
+    metrics = {**(keep or {}), **res.metrics, **metrics_of(timing), **(extra or {})}
+    save_sae(sae, run.sae_dir, metadata=_sae_metadata(lm, hook, cfg),
+             sparsity_log10_F=log10_density(res.density_F), metrics=metrics)
+    title = f"{sae.architecture} · {hook.name}"
+    if "l0" in metrics:
+        title += f" · L0 {metrics['l0']:.1f}"
+    plot_density(res.density_F, run.density_plot, title=title)
+    if "core" in res.outputs:
+        write_saebench_core(run, res, sae, lm, cfg, metrics)
+    run.write_metrics(metrics)
+    return metrics
+
+
+def write_saebench_core(run: RunFolder, res, sae, lm, cfg: RunConfig, metrics: dict) -> Path:
+    """``saebench_core.json`` beside ``metrics.json`` (SAEBench's core-eval output schema)."""
+    from saelab import __version__
+    from saelab.evals.evaluate import ACT_BATCH_WINDOWS, CE_BATCH_WINDOWS
+    from saelab.evals.saebench import core_output
+    from saelab.io import saelens_cfg
+
+    dtype = str(next(lm.model.parameters()).dtype).removeprefix("torch.")
+    out = core_output(metrics, sae, res.density_F, model_name=lm.name, llm_dtype=dtype,
+                      dataset=cfg.data.dataset, context_size=cfg.data.context_size,
+                      batch_windows=CE_BATCH_WINDOWS, n_ce_windows=res.n_ce_windows,
+                      n_act_windows=res.n_windows, act_batch_windows=ACT_BATCH_WINDOWS,
+                      sae_cfg_dict=saelens_cfg(sae), saelab_version=__version__)
+    return run.write_json(run.saebench_core_path.name, out)
+
+
+def _sae_metadata(lm, hook, cfg: RunConfig) -> dict:
+    return {
         "model_name": lm.name,
         "hook_name": hook.name,
         "hook_head_index": None,
@@ -234,29 +315,29 @@ def evaluate_and_save(sae, lm, hook, cfg: RunConfig, out: Path, progress: bool =
         "dataset_path": cfg.data.dataset,
         "exclude_first_positions": cfg.data.exclude_first_positions,
     }
-    save_sae(sae, out / SAE_DIR, metadata=meta, sparsity_log10_F=log10_density(res.density_F),
-             metrics=metrics)
-    plot_density(res.density_F, out / "feature_density.png",
-                 title=f"{sae.architecture} · {hook.name} · L0 {metrics['l0']:.1f}")
-    atomic_write_json(out / "metrics.json", metrics)
-    return metrics
 
 
-def evaluate_run(path: Path, eval_cfg, skip_ce: bool = False, progress: bool = True) -> dict:
-    """`saelab eval`: re-evaluate a run folder (or a saved SAE folder) on held-out data."""
+def evaluate_run(path: Path, eval_cfg, skip_ce: bool = False, progress: bool = True,
+                 evals: list[str] | None = None) -> dict:
+    """`saelab eval`: re-evaluate a run folder (or a saved SAE folder) on held-out data with
+    ``evals`` (default: all). Training facts, and with a subset of the evals the metrics it does
+    not re-measure, are kept from the run's earlier ``metrics.json``."""
     from saelab.config import DataConfig, ModelConfig
+    from saelab.evals.registry import parse_evals
     from saelab.io import load_sae, read_metadata
     from saelab.models.hooks import parse_hook
     from saelab.models.loading import load_model
 
     path = Path(path)
-    if (path / RUN_CONFIG).exists():
-        cfg = from_dict(RunConfig, json.loads((path / RUN_CONFIG).read_text()))
-        sae_dir = path / SAE_DIR
-        if not (sae_dir / "cfg.json").exists():
+    run = RunFolder(path)
+    names = parse_evals(",".join(evals) if evals else None)
+    if run.is_run():
+        cfg = run.load_config()
+        sae_dir = run.sae_dir
+        if not run.has_sae():
             raise RunFolderError(
                 f"{path} holds no finished SAE ({sae_dir}/cfg.json missing): finish training "
-                "with `saelab train --resume --out {path}`"
+                f"with `saelab train --resume --out {path}`"
             )
     else:
         # A bare SAE folder (ours or SAELens's): take the model/hook from its metadata.
@@ -269,18 +350,22 @@ def evaluate_run(path: Path, eval_cfg, skip_ce: bool = False, progress: bool = T
                         data=data, out=str(path))
         sae_dir = path
     cfg.eval, cfg.skip_ce = eval_cfg, skip_ce
-    lm = load_model(cfg.model)
-    hook = parse_hook(cfg.model.hook, lm.n_layers)
-    sae = load_sae(sae_dir, device=lm.device)
-    if sae_dir == path:  # bare SAE folder: leave its weights alone, write metrics beside them
-        from saelab.evals.evaluate import evaluate
+    with run.lock("eval"):
+        lm = load_model(cfg.model)
+        hook = parse_hook(cfg.model.hook, lm.n_layers)
+        sae = load_sae(sae_dir, device=lm.device)
+        if sae_dir == path:  # bare SAE folder: leave its weights alone, write metrics beside
+            from saelab.evals.evaluate import evaluate
 
-        res = evaluate(sae, lm, hook, cfg.data, cfg.eval, skip_ce=skip_ce, progress=progress)
-        atomic_write_json(path / "metrics.json", res.metrics)
-        return res.metrics
-    previous = json.loads((path / "metrics.json").read_text()) if (path / "metrics.json").exists() else {}
-    metrics = evaluate_and_save(sae, lm, hook, cfg, path, progress=progress)
-    # Training-time facts are not re-measured by an eval; keep them.
-    metrics.update({k: v for k, v in previous.items() if k.startswith("train_")})
-    atomic_write_json(path / "metrics.json", metrics)
+            res = evaluate(sae, lm, hook, cfg.data, cfg.eval, skip_ce=skip_ce,
+                           progress=progress, evals=names)
+            if "core" in res.outputs:
+                write_saebench_core(run, res, sae, lm, cfg, res.metrics)
+            run.write_metrics(res.metrics)
+            return res.metrics
+        previous = run.read_metrics()
+        facts = {k: v for k, v in previous.items() if k.startswith("train_")}
+        partial = set(names) != set(parse_evals(None))
+        metrics = evaluate_and_save(sae, lm, hook, cfg, path, progress=progress, extra=facts,
+                                    evals=names, keep=previous if partial else None)
     return metrics

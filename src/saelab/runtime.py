@@ -2,27 +2,25 @@
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
+import itertools
+import json
 import os
+import platform
 import socket
 import sys
+import time
 from pathlib import Path
 from urllib.parse import urlparse
 
 import torch
 
+from saelab.dtypes import ALIASES, DTYPES
 from saelab.errors import ConfigError
+from saelab.fsutil import atomic_write_json
 
-_DTYPES = {
-    "float32": torch.float32,
-    "fp32": torch.float32,
-    "float": torch.float32,
-    "bfloat16": torch.bfloat16,
-    "bf16": torch.bfloat16,
-    "float16": torch.float16,
-    "fp16": torch.float16,
-    "half": torch.float16,
-}
+_DTYPES = {**DTYPES, **{alias: DTYPES[name] for alias, name in ALIASES.items()}}
 
 
 def resolve_device(name: str) -> torch.device:
@@ -75,18 +73,84 @@ def parse_dtype(name: str | torch.dtype) -> torch.dtype:
 
 
 def resolve_model_dtype(name: str, device: torch.device | str) -> torch.dtype:
-    """dtype for the LM forward. ``auto`` picks bfloat16 only where bf16 matmuls are fast.
-
-    On CPUs without AMX, bf16 matmuls are emulated and slower than fp32, so ``auto`` keeps fp32.
-    """
+    """dtype for the LM forward. ``auto`` picks bfloat16 only where bf16 matmuls are clearly
+    faster than fp32 on this device, as measured once by :func:`bf16_speedup` (cached)."""
     if (name or "auto").strip().lower() != "auto":
         return parse_dtype(name)
     device = torch.device(device)
+    if device.type == "cuda" and not torch.cuda.is_bf16_supported():
+        return torch.float32
+    return torch.bfloat16 if bf16_speedup(device) >= BF16_MIN_SPEEDUP else torch.float32
+
+
+BF16_MIN_SPEEDUP = 1.3  # bf16 must beat fp32 by this factor: its rounding is not free
+_BENCH_FILE = "bf16_benchmark.json"
+
+
+def device_model(device: torch.device) -> str:
+    """What the benchmark verdict depends on: the GPU's or the CPU's model name."""
     if device.type == "cuda":
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float32
-    if device.type == "cpu" and cpu_has_amx():
-        return torch.bfloat16
-    return torch.float32
+        return torch.cuda.get_device_name(device)
+    if device.type == "cpu":
+        try:
+            for line in Path("/proc/cpuinfo").read_text().splitlines():
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+        except OSError:
+            pass
+        return platform.processor() or platform.machine()
+    return device.type
+
+
+def bf16_speedup(device: torch.device | str) -> float:
+    """fp32 time / bf16 time of an LM-sized matmul on ``device``, measured once per device
+    model, torch version and thread count, and cached in ``<cache root>/bf16_benchmark.json``."""
+    device = torch.device(device)
+    threads = torch.get_num_threads() if device.type == "cpu" else 0
+    key = f"{device.type}|{device_model(device)}|torch {torch.__version__}|threads {threads}"
+    path = cache_root() / _BENCH_FILE
+    try:
+        cached = json.loads(path.read_text())
+    except (OSError, ValueError):
+        cached = {}
+    if not isinstance(cached, dict):
+        cached = {}
+    if isinstance(cached.get(key), dict) and "speedup" in cached[key]:
+        return float(cached[key]["speedup"])
+    times = {dt: _matmul_seconds(device, dt) for dt in (torch.float32, torch.bfloat16)}
+    speedup = times[torch.float32] / max(times[torch.bfloat16], 1e-12)
+    cached[key] = {"speedup": round(speedup, 3), "fp32_s": times[torch.float32],
+                   "bf16_s": times[torch.bfloat16]}
+    with contextlib.suppress(OSError):  # a read-only cache only costs a re-measurement
+        path.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write_json(path, cached)
+    return speedup
+
+
+def _matmul_seconds(device: torch.device, dtype: torch.dtype, m: int = 1024, k: int = 576,
+                    n: int = 1536, budget_s: float = 0.05) -> float:
+    """Best time of ``[m, k] @ [k, n]`` (a SmolLM2-sized MLP projection of 8 windows)."""
+    g = torch.Generator().manual_seed(0)
+    a = torch.randn(m, k, generator=g).to(device, dtype)
+    b = torch.randn(k, n, generator=g).to(device, dtype)
+
+    def sync() -> None:
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+
+    with torch.inference_mode():
+        (a @ b).sum().item()  # warm-up: kernels, caches
+        best, spent = float("inf"), 0.0
+        for i in itertools.count():
+            if i >= 3 and spent >= budget_s:
+                break
+            sync()
+            t0 = time.perf_counter()
+            a @ b
+            sync()
+            dt = time.perf_counter() - t0
+            best, spent = min(best, dt), spent + dt
+    return best
 
 
 def cpu_has_amx() -> bool:
@@ -95,17 +159,6 @@ def cpu_has_amx() -> bool:
         return bool(torch.cpu._is_amx_tile_supported())
     except Exception:  # private API: absent on old/other builds
         return False
-
-
-def set_threads(n: int | None = None) -> int:
-    """Set torch's intra-op threads (default: the CPUs this process may use). Returns the count."""
-    if n is None or n < 1:
-        try:
-            n = len(os.sched_getaffinity(0))
-        except (AttributeError, OSError):  # not on Linux
-            n = os.cpu_count() or 1
-    torch.set_num_threads(n)
-    return n
 
 
 # glibc mallopt parameters (malloc.h)
@@ -120,9 +173,8 @@ def tune_malloc() -> bool:
 
     By default glibc serves blocks above its mmap threshold (at most 32 MB) with fresh mmaps and
     unmaps them on free, so every training step pays page faults + zeroing for each large
-    temporary (an SAE step at width 4096 allocates several 64 MB buffers). Measured on a 2-core
-    CPU, 4096x576 -> 4096 latents fwd+bwd: ~115k page faults and ~170 ms of kernel time per
-    step before, ~0 after. The cost: the process keeps its peak heap instead of shrinking.
+    temporary (an SAE step at width 4096 allocates several 64 MB buffers); see
+    benchmarks/README.md for what this saves. The cost: the process keeps its peak heap.
     Safe to call many times; returns False (and does nothing) where unsupported.
     """
     global _malloc_tuned

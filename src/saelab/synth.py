@@ -4,8 +4,8 @@ each recovers it (saelab.data.synthetic, saelab.evals.recovery).
 Every family is trained the way `saelab train` trains it: its own defaults, the standard
 :class:`Trainer`, its default input normalisation estimated from a sample (here: rows from the
 generator's ``init`` stream) and folded into the weights by :func:`pipeline.export_sae` before
-evaluation. The only settings the benchmark imposes are ``topk.k`` (and JumpReLU's
-``target_l0``), set to the true mean L0 unless ``--k`` is given, and the ``--levels`` overrides
+evaluation. The only settings the benchmark imposes are ``options.k`` of the families with a k (and
+JumpReLU's ``options.target_l0``), set to the true mean L0 unless ``--k`` is given, and the ``--levels`` overrides
 of each family's sparsity knob. Families whose sparsity is set by a penalty (relu, gated, ...)
 keep their default coefficient, so their L0 can be far from the true one: the table prints
 every family's L0 beside its scores and flags those outside [0.5, 2] x the true L0.
@@ -30,10 +30,24 @@ from typing import Any
 
 import torch
 
-from saelab.config import SAEConfig, SynthConfig, TrainConfig, set_dotted
+from saelab.config import SAEConfig, SynthConfig, TrainConfig
+from saelab.data.stream import norm_scale_of_rows
 from saelab.data.synthetic import SyntheticData, SyntheticSample, key_seed
 from saelab.errors import RunFolderError
+from saelab.evals.recovery import dictionary_recovery, evaluate_recovery
 from saelab.fsutil import atomic_write_json
+from saelab.pipeline import export_sae
+from saelab.runtime import resolve_device
+from saelab.saes.registry import (
+    build_sae,
+    get_dotted,
+    get_family,
+    resolve_families,
+    set_dotted,
+    validate_sae_config,
+    with_family,
+)
+from saelab.train.trainer import Trainer
 
 RESULT_FILE = "synth.json"
 #: rows used to estimate the input scale and initialise b_dec (the pipeline uses 32,768)
@@ -54,26 +68,28 @@ class SynthResult:
 
 def family_config(name: str, cfg: SynthConfig, k: int,
                   overrides: dict[str, Any] | None = None) -> SAEConfig:
-    """The SAE config the benchmark trains for family ``name``: defaults, ``k``, the family's
-    ``--levels`` value, then ``overrides`` (dotted SAEConfig paths, for API callers)."""
-    from saelab.saes.registry import get_family
-
-    sae_cfg = SAEConfig(architecture=name, d_in=cfg.data.d, d_sae=cfg.d_sae)
-    sae_cfg.topk.k = k
-    sae_cfg.jumprelu.target_l0 = float(k)
-    level = cfg.level_overrides().get(name)
+    """The SAE config the benchmark trains for family ``name``: defaults, ``k`` (as
+    ``options.k`` where the family has a k, JumpReLU's ``options.target_l0``), the family's
+    ``--levels`` value, then ``overrides`` (dotted SAEConfig paths such as ``options.k`` or
+    ``l1_coefficient``, for API callers)."""
+    sae_cfg = with_family(SAEConfig(architecture=name, d_in=cfg.data.d, d_sae=cfg.d_sae))
+    for field_name, value in (("k", k), ("target_l0", float(k))):
+        if hasattr(sae_cfg.options, field_name):
+            setattr(sae_cfg.options, field_name, value)
+    level = _levels(cfg).get(name)
     if level is not None:
         set_dotted(sae_cfg, get_family(name).sweep_param, level)
     for path, value in (overrides or {}).items():
         set_dotted(sae_cfg, path, value)
-    sae_cfg.validate()
-    return sae_cfg
+    return validate_sae_config(sae_cfg)
+
+
+def _levels(cfg: SynthConfig) -> dict[str, float]:
+    return {k: v[0] for k, v in resolve_families(cfg.arch, cfg.levels, many=False)[1].items()}
 
 
 def random_baseline(d_sae: int, data: SyntheticData, signed: bool) -> dict[str, float]:
     """Recovery scores of a random Gaussian dictionary of the same width (the chance level)."""
-    from saelab.evals.recovery import dictionary_recovery
-
     g = torch.Generator().manual_seed(key_seed("random-baseline", data.seed))
     W = torch.randn(d_sae, data.d, generator=g)
     return dictionary_recovery(W, data.directions_MD, signed=signed)
@@ -84,13 +100,6 @@ def train_family(name: str, cfg: SynthConfig, data: SyntheticData, heldout: Synt
                  ) -> dict[str, Any]:
     """Train one family on the synthetic stream and score it on the held-out set
     (``overrides``: see :func:`family_config`)."""
-    from saelab.data.stream import norm_scale_of_rows
-    from saelab.evals.recovery import evaluate_recovery
-    from saelab.pipeline import export_sae
-    from saelab.runtime import resolve_device
-    from saelab.saes.registry import build_sae, get_family
-    from saelab.train.trainer import Trainer
-
     cls = get_family(name)
     device = resolve_device(cfg.device)
     sae = build_sae(family_config(name, cfg, k, overrides), device=device,
@@ -120,18 +129,11 @@ def train_family(name: str, cfg: SynthConfig, data: SyntheticData, heldout: Synt
         "train_tokens_per_second": result.tokens_per_second,
         "input_scale": scale,
         "sparsity_param": knob,
-        "sparsity_value": _get_dotted(sae.cfg, knob),
+        "sparsity_value": get_dotted(sae.cfg, knob),
         "final_train_log": result.final,
         "sae_config": asdict(sae.cfg),
         "lr": trainer.base_lr,
     }
-
-
-def _get_dotted(cfg: Any, path: str) -> Any:
-    obj = cfg
-    for p in path.split("."):
-        obj = getattr(obj, p, None)
-    return obj
 
 
 def run_synth(cfg: SynthConfig, progress: bool = True, log=None) -> SynthResult:
@@ -141,6 +143,7 @@ def run_synth(cfg: SynthConfig, progress: bool = True, log=None) -> SynthResult:
     decides the exit status from :attr:`SynthResult.failed`)."""
     log = log or (lambda msg: print(msg, file=sys.stderr))
     cfg.validate()
+    names, _ = resolve_families(cfg.arch, cfg.levels, many=False)
     out = Path(cfg.out)
     path = out / RESULT_FILE
     if path.exists() and not cfg.overwrite:
@@ -151,7 +154,6 @@ def run_synth(cfg: SynthConfig, progress: bool = True, log=None) -> SynthResult:
     k = cfg.k or max(1, round(data.true_l0))
     truth = {**data.describe(), "k": k}
     res = SynthResult(path, truth, random_baseline(cfg.d_sae, data, cfg.data.signed))
-    names = cfg.arch_list()
     for i, name in enumerate(names, 1):
         log(f"[{i}/{len(names)}] {name}")
         try:

@@ -54,6 +54,7 @@ def _iter_keyed(cfg: DataConfig) -> Iterator[tuple[str, str]]:
     if suffix in (".txt", ".jsonl"):
         if not path.is_file():
             raise DatasetNotAvailableError(f"cannot read dataset {name!r}: no such file")
+        check_text_file(path)
         docs = _iter_txt(path) if suffix == ".txt" else _iter_jsonl(path, cfg.text_column)
         for doc in docs:
             yield doc, doc
@@ -182,6 +183,32 @@ def _inside_quote(text: str, pos: int) -> bool:
 # local files and Hugging Face datasets
 
 
+_SNIFF_BYTES = 1 << 20
+_MAX_BAD_FRACTION = 0.01  # of undecodable bytes / control characters in the sniffed prefix
+_CONTROL = re.compile(r"[\x00-\x08\x0b\x0e-\x1f\x7f]")
+
+
+def check_text_file(path: Path) -> None:
+    """Refuse a local corpus that is not UTF-8 text (a binary file, another encoding), by its
+    first MiB: any NUL byte, or more than 1% undecodable bytes or control characters.
+
+    Text with a few bad bytes is still read (they become U+FFFD)."""
+    try:
+        with path.open("rb") as fh:
+            head = fh.read(_SNIFF_BYTES)
+    except OSError as e:
+        raise DatasetNotAvailableError(f"cannot read dataset {str(path)!r}: {e.strerror}") from None
+    if len(head) == _SNIFF_BYTES:  # do not count a character cut at the end as damage
+        head = head[: len(head) - 4]
+    text = head.decode("utf-8", errors="replace")
+    bad = text.count("\ufffd") + len(_CONTROL.findall(text))
+    if b"\x00" in head or bad > _MAX_BAD_FRACTION * max(1, len(text)):
+        raise DatasetNotAvailableError(
+            f"dataset {str(path)!r} does not look like UTF-8 text ({bad} undecodable or control "
+            f"characters in its first {len(head):,} bytes): give a UTF-8 .txt or .jsonl corpus"
+        )
+
+
 def _iter_txt(path: Path) -> Iterator[str]:
     """Documents separated by one or more blank lines (streamed, bounded memory)."""
     lines: list[str] = []
@@ -197,8 +224,14 @@ def _iter_txt(path: Path) -> Iterator[str]:
 
 
 def _iter_jsonl(path: Path, column: str) -> Iterator[str]:
-    with path.open(encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
+    with path.open("rb") as f:
+        for lineno, raw in enumerate(f, 1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError:
+                raise DatasetNotAvailableError(
+                    f"{path}:{lineno}: not UTF-8 text: give a UTF-8 .jsonl corpus"
+                ) from None
             if not line.strip():
                 continue
             try:

@@ -42,13 +42,15 @@ from safetensors.torch import load_file
 from safetensors.torch import save as st_save
 from torch import Tensor
 
+from saelab.dtypes import DTYPES as TORCH_DTYPES
+from saelab.dtypes import STORE_DTYPES
 from saelab.errors import NonFiniteActivationError, StoreError
 from saelab.fsutil import atomic_write_bytes, atomic_write_json
 
 FORMAT = "saelab.activation_store"
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
-DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+DTYPES = {name: TORCH_DTYPES[name] for name in STORE_DTYPES}
 ROW_KEYS = ("acts", "tokens", "window", "pos")
 GRADS = "grads"  # optional row key: LM-loss gradients beside acts (StoreSpec.with_grads)
 _SHARD_RE = re.compile(r"^shard_\d{5,}\.safetensors$")
@@ -97,6 +99,9 @@ class StoreSpec:
     n_layers: int = 0
     model_dtype: str = ""  # dtype of the LM forward that produced the activations
     with_grads: bool = False  # shards also hold `grads` (see the module docstring)
+    # hooks whose norm-outlier masks were combined (a multi-hook harvest keeps a row only if
+    # it is no outlier at any of them, so the stores' rows align); "" = this hook alone
+    outlier_hooks: str = ""
 
     def __post_init__(self) -> None:
         if self.dtype not in DTYPES:
@@ -248,7 +253,9 @@ class ActivationStore:
         self, model: str | None = None, hook: str | None = None, d_in: int | None = None
     ) -> None:
         """Raise :class:`StoreError` unless the store matches every given setting."""
-        ok_model = model is None or model in (self.model, self.manifest.get("model_spec"))
+        # "" = unknown (an imported dataset that does not name its model): not checked
+        ok_model = model is None or not self.model or model in (
+            self.model, self.manifest.get("model_spec"))
         ok_hook = hook is None or hook == self.hook
         ok_d = d_in is None or int(d_in) == self.d_in
         if ok_model and ok_hook and ok_d:
@@ -269,6 +276,26 @@ class ActivationStore:
                 raise StoreError(f"{self.path}: shard {s.file} does not continue shard {i - 1}")
             windows = s.window_end
             self.read_shard(i, verify=True, force=True)
+
+    def damaged_shards(self) -> list[int]:
+        """Indices of shards that are missing or fail their size or sha256 check (each file
+        is hashed once per process; a good result also spares :meth:`read_shard` the hash)."""
+        bad = []
+        for i, info in enumerate(self.shards):
+            fpath = self.path / info.file
+            try:
+                st = fpath.stat()
+            except OSError:
+                bad.append(i)
+                continue
+            key = (str(fpath.resolve()), info.sha256, st.st_size, st.st_mtime_ns, st.st_ino)
+            if key in _VERIFIED:
+                continue
+            if st.st_size != info.bytes or _sha256_mmap(fpath) != info.sha256:
+                bad.append(i)
+            else:
+                _VERIFIED.add(key)
+        return bad
 
     # --- reading ----------------------------------------------------------------------------
     def _shard_file(self, i: int) -> tuple[ShardInfo, Path]:

@@ -14,6 +14,11 @@ Block sizes come from the manifest, so ``start_batch=n`` seeks straight to batch
 reads only the block it lies in. At most one block (G shards) plus one shard being read and
 one batch are in memory.
 
+Data-parallel training (``rank``/``world_size``, W ranks): the global batch order above is
+unchanged and rank ``r`` yields rows ``[r*B/W, (r+1)*B/W)`` of every global batch, so the
+ranks' batches are disjoint and together are exactly the single-process batch. Each rank reads
+only the rows it yields from a block (about 1/W of it stays resident).
+
 With ``with_grads`` (a store harvested with ``--with-grads``) each batch is a tuple
 ``(x_BD, g_BD)``: the same rows in the same order as without, plus their LM-loss gradients
 (twice the memory per block).
@@ -73,11 +78,18 @@ class ActivationStream:
         start_batch: int = 0,
         drop_positions_below: int = 0,
         with_grads: bool = False,
+        rank: int = 0,
+        world_size: int = 1,
     ):
         if batch_size < 1 or buffer_rows < 1 or start_batch < 0:
             raise ConfigError(
                 f"batch_size and buffer_rows must be >= 1 and start_batch >= 0, got "
                 f"{batch_size}, {buffer_rows}, {start_batch}"
+            )
+        if world_size < 1 or not 0 <= rank < world_size or batch_size % world_size:
+            raise ConfigError(
+                f"the batch size ({batch_size}) must split evenly over {world_size} ranks "
+                f"(rank {rank}): pick a batch size divisible by the number of processes"
             )
         if not 0 <= drop_positions_below < store.context_size:
             raise ConfigError(
@@ -106,6 +118,9 @@ class ActivationStream:
         self.start_batch = start_batch
         self.drop_positions_below = drop_positions_below
         self.with_grads = with_grads
+        self.rank, self.world_size = rank, world_size
+        #: rows this rank yields per batch (``batch_size`` on a single process)
+        self.local_batch_size = batch_size // world_size
         #: the shard tensors each batch carries
         self._keys = ("acts", GRADS) if with_grads else ("acts",)
         self._counts = _kept_counts(store, drop_positions_below)
@@ -139,32 +154,61 @@ class ActivationStream:
             starts.append(starts[-1] + sum(self._counts[s] for s in ids))
         return blocks, starts
 
-    def _load_block(self, epoch: int, b: int, ids: list[int]) -> tuple[list[Tensor], Tensor]:
-        """The block's rows, one buffer per key of ``self._keys``, and their permutation."""
+    def _load_block(self, epoch: int, b: int, ids: list[int],
+                    need_R: Tensor | None = None) -> list[Tensor]:
+        """The block's rows, one buffer per key of ``self._keys``: all of them, or only the
+        block rows ``need_R`` (sorted), in that order."""
         total = sum(self._counts[s] for s in ids)
         self.peak_block_shards = max(self.peak_block_shards, len(ids))
-        bufs = [torch.empty(total, self.store.d_in, dtype=self.store.dtype) for _ in self._keys]
-        off = 0
+        rows = total if need_R is None else len(need_R)
+        bufs = [torch.empty(rows, self.store.d_in, dtype=self.store.dtype) for _ in self._keys]
+        off = out = 0
         for s in ids:  # copy shard by shard: peak memory is the block plus one shard
+            n = self._counts[s]
+            if need_R is not None:
+                lo, hi = torch.searchsorted(need_R, torch.tensor([off, off + n])).tolist()
+                if lo == hi:  # nothing of this shard for this rank: do not read it
+                    off += n
+                    continue
             t = self.store.read_shard(s)
             self.shard_reads += 1
-            n = self._counts[s]
             keep = None if n == len(t["acts"]) else t["pos"] >= self.drop_positions_below
-            for buf_RD, key in zip(bufs, self._keys, strict=True):
-                buf_RD[off : off + n] = t[key] if keep is None else t[key][keep]
+            if need_R is None:
+                for buf_RD, key in zip(bufs, self._keys, strict=True):
+                    buf_RD[out : out + n] = t[key] if keep is None else t[key][keep]
+                out += n
+            else:
+                idx = need_R[lo:hi] - off
+                if keep is not None:
+                    idx = keep.nonzero().squeeze(1)[idx]
+                for buf_RD, key in zip(bufs, self._keys, strict=True):
+                    torch.index_select(t[key], 0, idx, out=buf_RD[out : out + hi - lo])
+                out += hi - lo
             off += n
             del t
-        return bufs, _perm(total, "rows", self.seed, epoch, b)
+        return bufs
+
+    def _local_rows(self, epoch_start: int, block_start: int, i0: int, size: int,
+                    perm_R: Tensor) -> Tensor:
+        """Block rows this rank yields from block position ``i0`` on, in stream order.
+
+        A block position ``i`` is global row ``epoch_start + block_start + i`` of the endless
+        sequence; its slot in its batch decides the rank."""
+        B, b = self.batch_size, self.local_batch_size
+        slot = (torch.arange(i0, size, dtype=torch.long) + (epoch_start + block_start)) % B
+        lo = self.rank * b
+        mine = (slot >= lo) & (slot < lo + b)
+        return perm_R[i0:][mine]
 
     def _new_batch(self) -> list[Tensor]:
         # pinned when feeding a GPU: the copy to the device can then run asynchronously
         pin = self.device.type == "cuda"
-        return [torch.empty(self.batch_size, self.store.d_in, dtype=self.store.dtype,
+        return [torch.empty(self.local_batch_size, self.store.d_in, dtype=self.store.dtype,
                             pin_memory=pin) for _ in self._keys]
 
     def _batches(self, start_batch: int) -> Iterator[Tensor | tuple[Tensor, Tensor]]:
-        B = self.batch_size
-        epoch, offset = divmod(start_batch * B, self.rows_per_epoch)
+        B, R = self.local_batch_size, self.rows_per_epoch
+        epoch, offset = divmod(start_batch * self.batch_size, R)
         batch, have = self._new_batch(), 0
         while True:
             blocks, starts = self._layout(epoch)
@@ -172,10 +216,18 @@ class ActivationStream:
                 size = starts[b + 1] - starts[b]
                 if size == 0:
                     continue
-                block, perm_R = self._load_block(epoch, b, blocks[b])
-                i = offset - starts[b]
-                while i < size:
-                    take = min(B - have, size - i)
+                perm_R = _perm(size, "rows", self.seed, epoch, b)
+                i, i_end = offset - starts[b], size
+                if self.world_size > 1:
+                    # only this rank's rows are read, remapped to their place in the buffer
+                    src_R = self._local_rows(epoch * R, starts[b], i, size, perm_R)
+                    need_R = src_R.sort().values
+                    block = self._load_block(epoch, b, blocks[b], need_R)
+                    perm_R, i, i_end = torch.searchsorted(need_R, src_R), 0, len(src_R)
+                else:
+                    block = self._load_block(epoch, b, blocks[b])
+                while i < i_end:
+                    take = min(B - have, i_end - i)
                     # gather straight from the unpermuted block: no second block-sized copy
                     for block_RD, batch_BD in zip(block, batch, strict=True):
                         torch.index_select(

@@ -71,6 +71,57 @@ def iter_windows(
         yield from _with_head(windows_NB, head)
 
 
+def iter_window_char_spans(
+    docs: Iterable[str],
+    tokenizer: Any,
+    context_size: int,
+    prepend_bos: bool,
+    chunk_docs: int = 64,
+) -> Iterator[tuple[Tensor, Tensor, Tensor, Tensor]]:
+    """Per window of :func:`iter_windows` (same documents, same settings, same order):
+    ``(tokens_T, doc_T, char_start_T, char_end_T)``, the document index (0-based, in ``docs``
+    order) and character span of every position, from the tokenizer's offset mapping; -1 at
+    the BOS head and at document separators. Needs a fast tokenizer. ``tokens_T`` equals the
+    :func:`iter_windows` window (callers can check the alignment).
+    """
+    body = context_size - 1 if prepend_bos else context_size
+    sep = separator_id(tokenizer)
+    head = np.array([[bos_id(tokenizer), -1, -1, -1]] if prepend_bos else [],
+                    dtype=np.int64).reshape(-1, 4)
+    leftover = np.zeros((0, 4), dtype=np.int64)
+    first_doc = 0
+    chunk: list[str] = []
+
+    def flush() -> Iterator[tuple[Tensor, Tensor, Tensor, Tensor]]:
+        nonlocal leftover, first_doc
+        enc = tokenizer(chunk, add_special_tokens=False, verbose=False,
+                        return_offsets_mapping=True)
+        parts = [leftover]
+        for j, (ids, offsets) in enumerate(zip(enc["input_ids"], enc["offset_mapping"],
+                                               strict=True)):
+            rows = np.empty((len(ids) + 1, 4), dtype=np.int64)
+            rows[:-1, 0] = ids
+            rows[:-1, 1] = first_doc + j
+            rows[:-1, 2:] = np.asarray(offsets, dtype=np.int64).reshape(-1, 2)
+            rows[-1] = (sep, -1, -1, -1)
+            parts.append(rows)
+        first_doc += len(chunk)
+        stream = np.concatenate(parts)
+        n = len(stream) // body
+        leftover = stream[n * body :].copy()
+        for w in stream[: n * body].reshape(n, body, 4):
+            full = torch.from_numpy(np.concatenate([head, w]))
+            yield full[:, 0], full[:, 1], full[:, 2], full[:, 3]
+
+    for doc in docs:
+        chunk.append(doc)
+        if len(chunk) == chunk_docs:
+            yield from flush()
+            chunk = []
+    if chunk:
+        yield from flush()
+
+
 def batch_windows(windows: Iterable[Tensor], batch_size: int) -> Iterator[Tensor]:
     """Stack windows into ``[B, T]`` batches (the last batch may be smaller)."""
     batch: list[Tensor] = []

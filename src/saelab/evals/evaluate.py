@@ -13,8 +13,9 @@ splice and are not scored.
 
 Everything that does not depend on the SAE (the held-out windows and activations, the clean,
 zero- and mean-ablation CE/KL and the clean log-probabilities) can be computed once as an
-:class:`EvalBaseline` and reused for many SAEs (``saelab sweep``); ``evaluate`` with a shared
-baseline gives exactly the numbers it gives without one.
+:class:`EvalContext` and reused for many SAEs (``saelab sweep``); ``evaluate`` with a shared
+context gives exactly the numbers it gives without one. The metrics themselves come from the
+eval plug-ins (``saelab.evals.core``, ``.ce``, ``.density``; see ``saelab.evals.registry``).
 """
 
 from __future__ import annotations
@@ -23,16 +24,21 @@ import math
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor
 
 from saelab.config import DataConfig, EvalConfig
 from saelab.evals.metrics import ReconstructionMetrics, ce_metrics
-from saelab.saes.base import SAE
+
+if TYPE_CHECKING:
+    from saelab.saes.base import SAE
 
 #: windows per LM forward in the CE evaluation
 CE_BATCH_WINDOWS = 8
+#: windows per truncated LM forward when collecting the held-out activations
+ACT_BATCH_WINDOWS = 16
 #: default memory budget for cached clean log-probabilities (rows x vocab x 4 bytes); batches
 #: beyond it recompute the clean forward per SAE instead
 MAX_LOGPROB_BYTES = 1 << 30
@@ -43,8 +49,13 @@ class EvalResult:
     metrics: dict[str, float]
     density_F: Tensor
     l0_hist: Tensor
-    #: wall time of the parts of this evaluation (``reconstruction``, ``ce``); not metrics
+    #: wall time of each eval (by eval name: ``core``, ``ce``, ...); not metrics
     seconds: dict[str, float] = field(default_factory=dict)
+    #: each eval's typed output, by eval name
+    outputs: dict[str, Any] = field(default_factory=dict)
+    #: held-out windows of the activations and of the CE evaluation
+    n_windows: int = 0
+    n_ce_windows: int = 0
 
 
 def heldout_windows(lm, data_cfg: DataConfig, n_windows: int) -> tuple[Tensor, Tensor]:
@@ -246,14 +257,25 @@ def _logprobs(logits_BTV: Tensor, score_BT: Tensor) -> Tensor:
     return torch.log_softmax(logits_BTV[:, :-1][score_BT].float(), dim=-1)
 
 
-# ---- the shared baseline and the evaluation ----------------------------------------------------
+# ---- the shared context and the evaluation ------------------------------------------------------
 @dataclass
-class EvalBaseline:
-    """The SAE-independent inputs of :func:`evaluate`, computed once by :meth:`build`.
+class EvalContext:
+    """The SAE-independent inputs of every eval, computed once by :meth:`build` and shared by
+    all SAEs evaluated at one hook (``saelab sweep``).
 
-    Holds the held-out windows, their keep mask (after the outlier rule), the held-out
-    activations (``eval_tokens`` x d_in floats, in memory), their mean and, unless built without
-    it, the :class:`LMBaseline` of the CE windows.
+    Two protocols on the same held-out windows:
+
+    - the default, SAEBench's core protocol (``keep_NT``): every position but BOS / special
+      tokens is scored and spliced (SAE, zero and mean ablation);
+    - the *filtered* variant (``filt_NT``), the training-time exclusion: also drops the first
+      ``exclude_first_positions`` positions and positions whose norm exceeds
+      ``exclude_norm_outliers`` x the batch median (massive activations); those are left clean
+      in its splices and not scored. Its metrics get the ``_filtered`` suffix.
+
+    Holds the loaded LM and hook, the held-out activations of the default protocol (in memory)
+    with a per-row flag for the filtered variant, each protocol's mean activation and, unless
+    built without them, each protocol's :class:`LMBaseline` of the CE windows. The
+    reconstruction pass of the last SAE seen is cached, so evals that read it run the SAE once.
     """
 
     hook_name: str
@@ -267,85 +289,165 @@ class EvalBaseline:
     n_ce: int
     lm: LMBaseline | None
     seconds: dict[str, float] = field(default_factory=dict)
+    model: Any = None
+    hook: Any = None
+    progress: bool = False
+    #: the filtered variant: its mask, per acts batch the rows it keeps, mean and LM baseline
+    filt_NT: Tensor | None = None
+    in_filt: list[Tensor] = field(default_factory=list)
+    mean_filt_D: Tensor | None = None
+    lm_filtered: LMBaseline | None = None
+    _rec: tuple[int, ReconstructionMetrics, ReconstructionMetrics] | None = field(
+        default=None, repr=False)
 
     @classmethod
     @torch.inference_mode()
     def build(cls, lm, hook, data_cfg: DataConfig, eval_cfg: EvalConfig, skip_ce: bool = False,
               progress: bool = True, with_lm: bool = True,
-              max_logprob_bytes: int = MAX_LOGPROB_BYTES) -> EvalBaseline:
+              max_logprob_bytes: int = MAX_LOGPROB_BYTES) -> EvalContext:
         """Held-out windows and activations; with ``with_lm`` also the clean/ablated CE."""
-        from saelab.data.windows import drop_norm_outliers
+        from saelab.data.windows import drop_norm_outliers, keep_mask
         from saelab.models.hooks import run_to_hook
 
         t0 = time.perf_counter()
         kept_per_window = max(1, data_cfg.context_size - data_cfg.exclude_first_positions)
         n_windows = max(eval_cfg.ce_windows, math.ceil(eval_cfg.eval_tokens / kept_per_window))
-        windows_NT, keep_NT = heldout_windows(lm, data_cfg, n_windows)
-        kept_before = int(keep_NT.sum())
-        it = list(_batches(windows_NT.shape[0], 16))
+        windows_NT, filt_NT = heldout_windows(lm, data_cfg, n_windows)
+        keep_NT = keep_mask(windows_NT, lm.tokenizer, 0, True)  # SAEBench: special tokens only
+        kept_before = int(filt_NT.sum())
+        it = list(_batches(windows_NT.shape[0], ACT_BATCH_WINDOWS))
         if progress:
             from tqdm.auto import tqdm
 
             it = tqdm(it, desc="eval: activations", unit="batch", leave=False)
-        acts = []
+        acts, in_filt = [], []
         sum_D = torch.zeros(lm.d_model, dtype=torch.float64, device=lm.device)
-        n = 0
+        sum_filt_D = torch.zeros_like(sum_D)
+        n = n_filt = 0
         for sl in it:
             a_BTD = run_to_hook(lm.model, windows_NT[sl].to(lm.device), hook)
-            # The same outlier rule as the harvest, so eval scores the tokens training saw;
-            # dropped positions are also left clean in the LM splices.
-            keep_NT[sl] = drop_norm_outliers(a_BTD, keep_NT[sl], data_cfg.exclude_norm_outliers)
-            x = a_BTD[keep_NT[sl].to(a_BTD.device)].float()
+            # the harvest's outlier rule, so the filtered variant scores the tokens training saw
+            filt_NT[sl] = drop_norm_outliers(a_BTD, filt_NT[sl], data_cfg.exclude_norm_outliers)
+            keep_BT = keep_NT[sl].to(a_BTD.device)
+            x = a_BTD[keep_BT].float()
+            f = filt_NT[sl].to(a_BTD.device)[keep_BT]
             acts.append(x)
+            in_filt.append(f)
             # summed exactly as ReconstructionMetrics does (float64, batch by batch)
             sum_D += x.double().sum(0)
+            sum_filt_D += x[f].double().sum(0)
             n += x.shape[0]
+            n_filt += int(f.sum())
+        if not bool((filt_NT <= keep_NT).all()):
+            raise AssertionError("the filtered positions must be a subset of the scored ones")
         mean_act_D = (sum_D / max(n, 1)).float()
+        mean_filt_D = (sum_filt_D / max(n_filt, 1)).float()
         n_ce = 0 if skip_ce else min(eval_cfg.ce_windows, windows_NT.shape[0])
         seconds = {"activations": time.perf_counter() - t0}
-        base = None
+        base = base_filt = None
         if with_lm and n_ce > 0:
             t0 = time.perf_counter()
             base = lm_baseline(lm, hook, windows_NT[:n_ce], keep_NT[:n_ce], mean_act_D,
                                progress=progress, max_logprob_bytes=max_logprob_bytes)
+            base_filt = lm_baseline(lm, hook, windows_NT[:n_ce], filt_NT[:n_ce], mean_filt_D,
+                                    progress=progress, max_logprob_bytes=max_logprob_bytes)
             seconds["ce"] = time.perf_counter() - t0
         return cls(hook.name, data_cfg, eval_cfg, windows_NT, keep_NT, acts, kept_before,
-                   mean_act_D, n_ce, base, seconds)
+                   mean_act_D, n_ce, base, seconds, model=lm, hook=hook, progress=progress,
+                   filt_NT=filt_NT, in_filt=in_filt, mean_filt_D=mean_filt_D,
+                   lm_filtered=base_filt)
 
     def check_matches(self, hook, data_cfg: DataConfig, eval_cfg: EvalConfig) -> None:
         from dataclasses import asdict
 
         mine = (self.hook_name, asdict(self.data_cfg), asdict(self.eval_cfg))
         if mine != (hook.name, asdict(data_cfg), asdict(eval_cfg)):
-            raise ValueError("this EvalBaseline was built for another hook, data or eval config")
+            raise ValueError("this EvalContext was built for another hook, data or eval config")
+
+    def _passes(self, sae: SAE) -> tuple[ReconstructionMetrics, ReconstructionMetrics]:
+        if self._rec is None or self._rec[0] != id(sae):
+            dev, dt = sae.W_dec.device, sae.W_dec.dtype
+            full = ReconstructionMetrics(sae.d_in, sae.d_sae, device=dev)
+            filt = ReconstructionMetrics(sae.d_in, sae.d_sae, device=dev)
+            with torch.inference_mode():
+                for x_BD, f_B in zip(self.acts, self.in_filt, strict=True):
+                    x_BD = x_BD.to(dev, dt)
+                    out = sae(x_BD)
+                    full.update(x_BD, out.recon, out.latents)
+                    f_B = f_B.to(dev)
+                    filt.update(x_BD[f_B], out.recon[f_B], out.latents[f_B])
+            self._rec = (id(sae), full, filt)
+        return self._rec[1], self._rec[2]
+
+    def reconstruction(self, sae: SAE) -> ReconstructionMetrics:
+        """The pooled reconstruction pass of ``sae`` over the held-out activations, default
+        protocol (cached for the last SAE; an SAE is not changed while it is evaluated)."""
+        return self._passes(sae)[0]
+
+    def reconstruction_filtered(self, sae: SAE) -> ReconstructionMetrics:
+        """The same pass restricted to the filtered variant's rows."""
+        return self._passes(sae)[1]
+
+    def filtered_positions(self) -> tuple[int, float]:
+        """(scored positions the filtered variant drops, their share of the total variance
+        Σ‖x − x̄‖² of the scored activations about their mean)."""
+        mean = self.mean_act_D.double()
+        total = dropped = 0.0
+        n_drop = 0
+        for x, f in zip(self.acts, self.in_filt, strict=True):
+            dev_sq = (x.double() - mean.to(x.device)).pow(2).sum(-1)
+            total += dev_sq.sum().item()
+            dropped += dev_sq[~f].sum().item()
+            n_drop += int((~f).sum())
+        return n_drop, (dropped / total if total > 0 else float("nan"))
+
+    def forget(self) -> None:
+        """Drop the cached reconstruction pass (call when the SAE is done)."""
+        self._rec = None
+
+
+#: the name the sweep and older code use
+EvalBaseline = EvalContext
 
 
 @torch.inference_mode()
 def evaluate(sae: SAE, lm, hook, data_cfg: DataConfig, eval_cfg: EvalConfig,
              skip_ce: bool = False, progress: bool = True,
-             baseline: EvalBaseline | None = None) -> EvalResult:
-    """Evaluate ``sae`` (acting on raw activations) on held-out documents.
+             baseline: EvalContext | None = None, evals: list[str] | None = None,
+             configs: dict[str, Any] | None = None) -> EvalResult:
+    """Run the evals ``evals`` (default: every registered eval; ``skip_ce`` drops those that
+    splice the SAE into the LM) on ``sae`` (acting on raw activations) on held-out documents.
 
-    ``baseline``: an :class:`EvalBaseline` built for the same hook/data/eval settings, shared by
-    many SAEs; without one, the SAE-independent parts are computed here.
+    ``baseline``: an :class:`EvalContext` built for the same hook/data/eval settings, shared by
+    many SAEs; without one, the SAE-independent parts are computed here. ``configs``: an eval's
+    config instance by eval name (default: the eval's config defaults).
     """
+    from saelab.evals.registry import get_eval, metrics_of, parse_evals
+
+    names = parse_evals(",".join(evals) if evals else None, skip_ce)
+    needs_lm = any(get_eval(n).needs_lm for n in names)
     if baseline is None:
         # one SAE: stream the CE ablations batch by batch instead of caching log-probs
-        baseline = EvalBaseline.build(lm, hook, data_cfg, eval_cfg, skip_ce=skip_ce,
-                                      progress=progress, with_lm=False)
+        ctx = EvalContext.build(lm, hook, data_cfg, eval_cfg, skip_ce=not needs_lm,
+                                progress=progress, with_lm=False)
     else:
         baseline.check_matches(hook, data_cfg, eval_cfg)
-    t0 = time.perf_counter()
-    rec = reconstruction_eval(sae, iter(baseline.acts))
-    metrics = rec.compute()
-    metrics["eval_positions_dropped_as_outliers"] = float(
-        baseline.kept_before - int(baseline.keep_NT.sum()))
-    seconds = {"reconstruction": time.perf_counter() - t0}
-    n_ce = baseline.n_ce if not skip_ce else 0
-    if n_ce > 0:
-        t0 = time.perf_counter()
-        metrics.update(lm_eval(sae, lm, hook, baseline.windows_NT[:n_ce],
-                               baseline.keep_NT[:n_ce], baseline.mean_act_D,
-                               progress=progress, baseline=baseline.lm))
-        seconds["ce"] = time.perf_counter() - t0
-    return EvalResult(metrics, rec.feature_density().float().cpu(), rec.l0_hist.cpu(), seconds)
+        ctx = baseline
+    ctx.model, ctx.hook, ctx.progress = lm, hook, progress
+    outputs: dict[str, Any] = {}
+    seconds: dict[str, float] = {}
+    metrics: dict[str, float] = {}
+    try:
+        for name in names:
+            ev = get_eval(name)
+            t0 = time.perf_counter()
+            outputs[name] = ev.run(ctx, sae, (configs or {}).get(name) or ev.config())
+            seconds[name] = time.perf_counter() - t0
+            metrics.update(metrics_of(outputs[name]))
+        rec = ctx.reconstruction(sae)
+        density_F, l0_hist = rec.feature_density().float().cpu(), rec.l0_hist.cpu()
+    finally:
+        ctx.forget()
+    n_ce = ctx.n_ce if any(get_eval(n).needs_lm for n in names) else 0
+    return EvalResult(metrics, density_F, l0_hist, seconds, outputs, ctx.windows_NT.shape[0],
+                      n_ce)

@@ -26,6 +26,9 @@ class ReconstructionMetrics:
         self.sum_rel_mse = torch.zeros((), **kw)  # Σ ‖x − x̂‖²/‖x‖²
         self.sum_cos = torch.zeros((), **kw)
         self.sum_l2_ratio = torch.zeros((), **kw)
+        self.sum_x_norm = torch.zeros((), **kw)  # Σ‖x‖
+        self.sum_xhat_norm = torch.zeros((), **kw)  # Σ‖x̂‖
+        self.sum_l1 = torch.zeros((), **kw)  # Σ Σ_j |f_j|
         self.fire_count_F = torch.zeros(d_sae, device=device, dtype=torch.int64)
         self.l0_hist = torch.zeros(d_sae + 1, device=device, dtype=torch.int64)
 
@@ -46,6 +49,9 @@ class ReconstructionMetrics:
         self.sum_rel_mse += (err_sq_B / x_sq_B.clamp_min(eps)).sum()
         self.sum_cos += (dot_B / (x_sq_B.sqrt() * xh_sq_B.sqrt()).clamp_min(eps)).sum()
         self.sum_l2_ratio += (xh_sq_B.sqrt() / x_sq_B.sqrt().clamp_min(eps)).sum()
+        self.sum_x_norm += x_sq_B.sqrt().sum()
+        self.sum_xhat_norm += xh_sq_B.sqrt().sum()
+        self.sum_l1 += latents_BF.double().abs().sum()
         active_BF = latents_BF != 0
         self.fire_count_F += active_BF.sum(0)
         self.l0_hist += torch.bincount(active_BF.sum(-1), minlength=self.l0_hist.numel())
@@ -73,10 +79,13 @@ class ReconstructionMetrics:
             "relative_mse": self.sum_rel_mse.item() / n,
             "cosine_similarity": self.sum_cos.item() / n,
             "l2_ratio": self.sum_l2_ratio.item() / n,
+            "l2_norm_in": self.sum_x_norm.item() / n,
+            "l2_norm_out": self.sum_xhat_norm.item() / n,
             # γ = Σ‖x̂‖² / Σ x̂·x (§2.7); 1 = unbiased, < 1 = shrinkage
             "relative_reconstruction_bias": _safe_div(self.sum_xhat_sq.item(),
                                                       self.sum_xhat_dot_x.item()),
             "l0": l0,
+            "l1": self.sum_l1.item() / n,
             "l0_std": math.sqrt(max(0.0, (self.l0_hist.double() * l0_values.pow(2)).sum().item() / n
                                     - l0 * l0)),
             "l0_median": float(_hist_quantile(self.l0_hist, 0.5)),

@@ -1,4 +1,5 @@
-"""Language models: loading (embedded SmolLM2 or Hugging Face) and hook points."""
+"""Language models: loading (embedded SmolLM2, embedded Gemma 3 270M or Hugging Face) and hook
+points."""
 
 from saelab.models.hooks import (
     HookPoint,
@@ -11,6 +12,8 @@ from saelab.models.hooks import (
 )
 from saelab.models.loading import (
     EMBEDDED_NAME,
+    GEMMA_ALIAS,
+    GEMMA_NAME,
     LoadedModel,
     canonical_model_name,
     load_model,
@@ -19,6 +22,8 @@ from saelab.models.loading import (
 
 __all__ = [
     "EMBEDDED_NAME",
+    "GEMMA_ALIAS",
+    "GEMMA_NAME",
     "HookPoint",
     "LoadedModel",
     "canonical_model_name",

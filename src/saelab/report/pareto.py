@@ -17,12 +17,18 @@ from typing import Any
 from saelab.fsutil import atomic_write_bytes
 from saelab.report.plots import _pyplot
 
-#: file name -> (row key, y-axis label, higher is better)
-PARETO_PLOTS: dict[str, tuple[str, str, bool]] = {
-    "pareto_fvu.png": ("fvu", "FVU (fraction of variance unexplained)", False),
-    "pareto_ce.png": ("ce_loss_recovered", "CE loss recovered (zero ablation)", True),
-    "pareto_delta_lm.png": ("delta_lm_loss", "delta LM loss (nats/token)", False),
-}
+
+def pareto_plots() -> dict[str, tuple[str, str, bool]]:
+    """file name -> (row key, y-axis label, higher is better), from the eval outputs' metric
+    metadata (:func:`saelab.evals.registry.pareto_axes`)."""
+    from saelab.evals.registry import pareto_axes
+
+    return pareto_axes()
+
+
+
+#: the x axis of every Pareto plot: the sweep row's L0 column
+X_KEY = "l0"
 
 
 def _finite(v: Any) -> bool:
@@ -34,7 +40,7 @@ def family_series(rows: Sequence[Mapping[str, Any]], y: str
     """{family: [(L0, y, level), ...] sorted by L0}, plottable points only."""
     out: dict[str, list[tuple[float, float, Any]]] = {}
     for row in rows:
-        x, v = row.get("l0"), row.get(y)
+        x, v = row.get(X_KEY), row.get(y)
         if _finite(x) and x > 0 and _finite(v):
             out.setdefault(str(row["family"]), []).append((float(x), float(v), row.get("level")))
     return {f: sorted(pts, key=lambda p: p[0]) for f, pts in out.items()}
@@ -85,6 +91,6 @@ def plot_pareto(rows: Sequence[Mapping[str, Any]], y: str, path: Path, ylabel: s
 
 def write_pareto_plots(rows: Sequence[Mapping[str, Any]], out_dir: Path,
                        title: str = "") -> list[Path]:
-    """The three sweep plots (FVU, CE loss recovered, delta LM loss vs L0) in ``out_dir``."""
+    """The sweep plots (today FVU, CE loss recovered, delta LM loss vs L0) in ``out_dir``."""
     return [plot_pareto(rows, key, Path(out_dir) / name, label, title, better)
-            for name, (key, label, better) in PARETO_PLOTS.items()]
+            for name, (key, label, better) in pareto_plots().items()]

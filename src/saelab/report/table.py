@@ -1,43 +1,45 @@
-"""Plain-text summary tables for the terminal."""
+"""Plain-text tables for the terminal: one printer (:func:`format_table`) for every table, and
+the run summary whose rows come from the eval outputs' metric metadata."""
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping, Sequence
+from typing import Any
 
-SUMMARY_KEYS: Sequence[tuple[str, str, str]] = (
-    ("l0", "L0 (mean active latents)", "{:.1f}"),
-    ("fvu", "FVU (pooled)", "{:.4f}"),
-    ("mse", "MSE (per element)", "{:.4g}"),
-    ("cosine_similarity", "cosine(x, x_hat)", "{:.4f}"),
-    ("relative_reconstruction_bias", "shrinkage gamma", "{:.4f}"),
-    ("ce_loss_recovered", "CE loss recovered (zero abl.)", "{:.2%}"),
-    ("ce_loss_recovered_mean_ablation", "CE loss recovered (mean abl.)", "{:.2%}"),
-    ("delta_lm_loss", "delta LM loss (nats)", "{:.4f}"),
-    ("ce_loss_clean", "CE clean (nats/token)", "{:.4f}"),
-    ("kl_score", "KL score (zero abl.)", "{:.4f}"),
-    ("dead_fraction", "dead latents (eval)", "{:.2%}"),
-    ("dense_fraction_1pct", "dense latents (>1% tokens)", "{:.2%}"),
-    ("train_tokens_per_second", "training tokens/s", "{:,.0f}"),
-)
+
+def fmt_value(fmt: str, value: Any, missing: str = "-") -> str:
+    """``fmt.format(value)`` for a finite number, ``missing`` otherwise."""
+    if isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value):
+        return fmt.format(value)
+    return missing
+
+
+def format_table(headers: Sequence[str], rows: Sequence[Sequence[str]],
+                 left: int = 1, rule: bool = True, indent: str = "") -> str:
+    """Columns padded to their widest cell: the first ``left`` columns left-aligned, the rest
+    right-aligned; a rule under the header row (``headers`` empty: no header)."""
+    n = max([len(headers)] + [len(r) for r in rows])
+    widths = [max([len(headers[i]) if i < len(headers) else 0]
+                  + [len(r[i]) for r in rows if i < len(r)]) for i in range(n)]
+
+    def line(cells: Sequence[str]) -> str:
+        return indent + "  ".join(c.ljust(widths[i]) if i < left else c.rjust(widths[i])
+                                  for i, c in enumerate(cells)).rstrip()
+
+    lines = []
+    if headers:
+        head = line(headers)
+        lines += [head, "-" * len(head)] if rule else [head]
+    lines += [line(r) for r in rows]
+    return "\n".join(lines)
 
 
 def summary_table(metrics: Mapping[str, float], title: str = "") -> str:
-    rows = [(label, fmt.format(metrics[key])) for key, label, fmt in SUMMARY_KEYS
+    """The headline metrics of one run, one per line, in the order the eval outputs declare."""
+    from saelab.evals.registry import summary_rows
+
+    rows = [[label, fmt.format(metrics[key]).rjust(12)] for key, label, fmt in summary_rows()
             if key in metrics]
-    width = max(len(label) for label, _ in rows) if rows else 0
-    lines = [title] if title else []
-    lines += [f"  {label:<{width}}  {value:>12}" for label, value in rows]
-    return "\n".join(lines)
-
-
-def comparison_table(runs: Mapping[str, Mapping[str, float]]) -> str:
-    """One column per run, one row per summary metric present in every run."""
-    names = list(runs)
-    keys = [(k, lbl, f) for k, lbl, f in SUMMARY_KEYS if all(k in runs[n] for n in names)]
-    width = max((len(lbl) for _, lbl, _ in keys), default=0)
-    col = max(12, *(len(n) for n in names))
-    lines = [" " * (width + 2) + "".join(f"  {n:>{col}}" for n in names)]
-    for key, label, fmt in keys:
-        lines.append(f"  {label:<{width}}" + "".join(f"  {fmt.format(runs[n][key]):>{col}}"
-                                                    for n in names))
-    return "\n".join(lines)
+    body = format_table([], rows, indent="  ")
+    return "\n".join(([title] if title else []) + ([body] if rows else []))

@@ -7,12 +7,18 @@ SAELens so a saved state dict opens there unchanged.
 
 from __future__ import annotations
 
+import copy
+import dataclasses
+from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, ClassVar, NamedTuple
 
 import torch
 from torch import Tensor, nn
 
 from saelab.config import SAEConfig
+from saelab.errors import ConfigError, SAEFormatError
+from saelab.saes.registry import unknown_options_error
 
 
 def geometric_median(x_ND: Tensor, iters: int = 100, tol: float = 1e-5) -> Tensor:
@@ -25,6 +31,11 @@ def geometric_median(x_ND: Tensor, iters: int = 100, tol: float = 1e-5) -> Tenso
             return y_new
         y_D = y_new
     return y_D
+
+
+@dataclass
+class NoOptions:
+    """No options of its own."""
 
 
 class SAEOutput(NamedTuple):
@@ -51,10 +62,17 @@ class SAE(nn.Module):
     """Base class. Subclasses set ``architecture`` and implement ``encode`` and ``loss``.
 
     Family-specific defaults live in ``defaults`` (filled into ``None`` config fields) and
-    ``train_defaults`` (learning rate, Adam beta1) so the CLI and API share one source.
+    ``train_defaults`` (learning rate, Adam beta1) so the CLI and API share one source. A
+    family's own options are the dataclass ``Options`` (``opt(...)`` fields, optional
+    ``validate()``); ``self.cfg.options`` is its instance.
     """
 
     architecture: ClassVar[str] = ""
+    #: the dataclass of this family's own options (``SAEConfig.options`` holds an instance)
+    Options: ClassVar[type] = NoOptions
+    #: SAELens architectures (folders without a ``saelab`` block) this family loads; only the
+    #: class's own declaration counts, so subclasses do not inherit it
+    saelens_loads: ClassVar[tuple[str, ...]] = ()
     #: the SAELens ``architecture`` this family saves as (None: not loadable by SAELens)
     saelens_architecture: ClassVar[str | None] = None
     trainable: ClassVar[bool] = True
@@ -93,14 +111,34 @@ class SAE(nn.Module):
 
     # ---- configuration -------------------------------------------------------------------
     @classmethod
+    def make_options(cls, values: Any = None, *, strict: bool = True) -> Any:
+        """An instance of ``cls.Options`` from None (the defaults), an instance (copied), a dict
+        of field values, or another options dataclass whose fields this family has.
+
+        ``strict``: a value this family has no field for is a ConfigError naming its flag and
+        the families that have it; otherwise it is dropped."""
+        if isinstance(values, cls.Options):
+            return copy.deepcopy(values)
+        if values is None:
+            return cls.Options()
+        if dataclasses.is_dataclass(values) and not isinstance(values, type):
+            values = {f.name: getattr(values, f.name) for f in dataclasses.fields(values)}
+        if not isinstance(values, dict):
+            raise ConfigError(f"{cls.architecture} options must be a {cls.Options.__name__} or a "
+                              f"dict, got {type(values).__name__}")
+        names = {f.name for f in dataclasses.fields(cls.Options)}
+        unknown = [k for k in values if k not in names]
+        if unknown and strict:
+            raise unknown_options_error(cls.architecture, unknown)
+        return cls.Options(**{k: copy.deepcopy(v) for k, v in values.items() if k in names})
+
+    @classmethod
     def resolve_config(cls, cfg: SAEConfig) -> SAEConfig:
-        """Fill ``None`` fields with this family's defaults; returns a copy."""
-        import dataclasses
-
-        from saelab.config import from_dict
-        from saelab.errors import ConfigError
-
-        values = dataclasses.asdict(cfg)
+        """Fill ``None`` fields with this family's defaults and ``options`` with an instance of
+        ``cls.Options``; returns a copy (an ``SAEConfig``, whatever subclass ``cfg`` is)."""
+        values: dict[str, Any] = {f.name: copy.deepcopy(getattr(cfg, f.name))
+                                  for f in dataclasses.fields(SAEConfig) if f.name != "options"}
+        values["options"] = cls.make_options(cfg.options)
         for key, value in {**SAE.shared_defaults, **cls.defaults}.items():
             if values.get(key) is None:
                 values[key] = value(values) if callable(value) else value
@@ -109,7 +147,40 @@ class SAE(nn.Module):
                 f"unknown variant {values['variant']!r} for {cls.architecture}: choose one of "
                 f"{', '.join(cls.variants)}"
             )
-        return from_dict(SAEConfig, values)
+        return SAEConfig(**values)
+
+    @classmethod
+    def validate_config(cls, cfg: SAEConfig) -> None:
+        """Checks of ``cfg.options`` (already an instance of ``cls.Options``) that need the
+        shared fields too; the options' own ``validate()`` runs before this."""
+
+    # ---- SAELens translation -------------------------------------------------------------------
+    @classmethod
+    def from_saelens_cfg(cls, cfg: dict[str, Any], folder: Path) -> dict[str, Any]:
+        """SAEConfig values (``options`` as a dict) for a SAELens ``cfg.json`` without a
+        ``saelab`` block; d_in / d_sae are read by the caller."""
+        # Pre-6.0 SAELens stored TopK SAEs as "standard" with activation_fn "topk".
+        act = cfg.get("activation_fn", cfg.get("activation_fn_str", "relu"))
+        if act not in (None, "relu"):
+            raise SAEFormatError(
+                f"{folder}: activation_fn {act!r} is not supported; saelab loads ReLU-based "
+                "standard, gated, jumprelu and topk SAEs"
+            )
+        return {
+            "architecture": cls.architecture,
+            "apply_b_dec_to_input": bool(cfg.get("apply_b_dec_to_input", True)),
+            "normalize_activations": "none",
+            "options": {},
+        }
+
+    @classmethod
+    def from_saelens_tensors(cls, tensors: dict[str, Tensor]) -> None:
+        """Rewrite older SAELens tensor layouts of this family into the 6.x names, in place."""
+        for key in ("scaling_factor", "finetuning_scaling_factor"):
+            scale = tensors.pop(key, None)
+            # Old SAELens decoded (f ⊙ s) W_dec: fold s into the decoder rows (exact).
+            if scale is not None and "W_dec" in tensors and not torch.all(scale == 1):
+                tensors["W_dec"] = tensors["W_dec"] * scale.to(tensors["W_dec"].dtype)[:, None]
 
     @property
     def d_in(self) -> int:
@@ -122,12 +193,6 @@ class SAE(nn.Module):
     #: True if training keeps decoder rows at unit norm (N1); a family whose answer depends on
     #: its config overrides this with a property.
     unit_norm_decoder: bool = False
-
-    @property
-    def k_aux(self) -> int:
-        """How many dead latents AuxK (§0.6) reconstructs the residual with, for the families
-        that use it; default d_in / 2."""
-        return self.cfg.topk.aux_k or self.d_in // 2
 
     # ---- the SAE function ------------------------------------------------------------------
     def encode(self, x_BD: Tensor) -> Tensor:

@@ -21,17 +21,27 @@ not the paper's number (the paper divides the L2 term by d).
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 from torch import Tensor, nn
 
 from saelab.saes._gated_kernel import GatedEncode
 from saelab.saes.base import SAE, LossOutput
+from saelab.saes.jumprelu import JumpReLUSAE
 from saelab.saes.registry import register
+
+
+@dataclass
+class GatedOptions:
+    """Gated SAE: no options of its own (--l1-coefficient and --variant are shared)."""
 
 
 @register
 class GatedSAE(SAE):
     architecture = "gated"
+    Options = GatedOptions
+    saelens_loads = ("gated",)
     saelens_architecture = "gated"
     variants = ("paper", "april")
     defaults = {
@@ -104,10 +114,8 @@ class GatedSAE(SAE):
     @torch.no_grad()
     def to_jumprelu(self):
         """The exact JumpReLU SAE (§2.6): W_enc = W_mag, b_enc = b_mag, θ = max(b_mag − e^r b_gate, 0)."""
-        from saelab.saes.jumprelu import JumpReLUSAE
-
         cfg = type(self.cfg)(**{**self.cfg.__dict__, "architecture": "jumprelu", "variant": None,
-                                "l1_coefficient": None})
+                                "l1_coefficient": None, "options": None})
         jr = JumpReLUSAE(cfg, device=self.W_enc.device, dtype=self.W_enc.dtype)
         scale_F = self.r_mag.exp()
         jr.W_enc.copy_(self.W_enc * scale_F)

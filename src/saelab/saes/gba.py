@@ -57,13 +57,47 @@ Choices where the spec is silent (all options or documented defaults):
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 from torch import Tensor
 
+from saelab.config import opt
+from saelab.errors import ConfigError
+from saelab.saes._topk_base import topk_lr
 from saelab.saes.base import SAE, LossOutput
 from saelab.saes.registry import register
 from saelab.saes.sparse import normalized_mse
-from saelab.saes.topk import topk_lr
+
+
+@dataclass
+class GBAOptions:
+    """Group Bias Adaptation (METHODS §8; defaults [U] from a third-party reimplementation)."""
+
+    groups: int = opt(10, "K groups with geometrically spaced target activation frequencies.")
+    htf: float = opt(0.1, "Highest target activation frequency.")
+    ltf: float = opt(0.001, "Lowest target activation frequency.")
+    buffer_tokens: int = opt(
+        16_384, "Tokens between bias updates (N_buf). The reimplementation's 40,960 [U] gives "
+        "only ~50 updates in a 2M-token run; an over-firing latent needs ~50-100 (each update "
+        "moves its threshold a fraction gamma_minus of the way to the window's largest "
+        "pre-activation).")
+    gamma_minus: float = opt(0.01, "Rate at which over-firing latents' biases fall.")
+    gamma_plus: float = opt(0.01, "Rate at which (almost) dead latents' biases rise.")
+    dead_eps: float = opt(1e-6, "Firing frequency below which a latent counts as dead.")
+    b_min: float = opt(-1.0, "Lower bound of the adapted biases.")
+    b_max: float = opt(0.0, "Upper bound of the adapted biases.")
+    activation: str = opt(
+        "jumprelu_bias_gate", "relu (u = w.x + b) or jumprelu_bias_gate (output w.x, gated "
+        "by w.x + b > 0).", choices=("relu", "jumprelu_bias_gate"), flag="gba_activation")
+    tied: bool = opt(False, "Tie the decoder to the encoder (decoder = encoder^T).",
+                     flag="gba_tied")
+
+    def validate(self) -> None:
+        if self.groups < 1 or not 0 < self.ltf <= self.htf <= 1 or self.buffer_tokens < 1:
+            raise ConfigError("GBA needs --groups >= 1, 0 < --ltf <= --htf <= 1, --buffer-tokens >= 1")
+        if not self.b_min <= self.b_max:
+            raise ConfigError(f"--b-min ({self.b_min}) must be <= --b-max ({self.b_max})")
 
 
 def target_frequencies(groups: int, htf: float, ltf: float) -> Tensor:
@@ -79,12 +113,13 @@ class GBASAE(SAE):
     """SAE whose encoder biases are adapted to group target frequencies (METHODS §8)."""
 
     architecture = "gba"
+    Options = GBAOptions
     saelens_architecture = None
     # u = w·(x − b_pre) + b (§8.2); E‖x‖² = 1 so the bias bounds are fractions of ‖x‖
     defaults = {"apply_b_dec_to_input": True, "normalize_activations": "scalar_unit_mean_sq_norm"}
     train_defaults = {"lr": topk_lr, "adam_beta1": 0.9}
     #: L0 follows the group targets (mostly the high-TAF groups): a decade of HTF, low to high
-    sweep_param = "gba.htf"
+    sweep_param = "options.htf"
     sweep_levels = (0.01, 0.03, 0.1)
     unit_norm_decoder = True
 
@@ -104,7 +139,7 @@ class GBASAE(SAE):
 
     @property
     def taf_K(self) -> Tensor:
-        g = self.cfg.gba
+        g = self.cfg.options
         return target_frequencies(g.groups, g.htf, g.ltf)
 
     @torch.no_grad()
@@ -114,7 +149,7 @@ class GBASAE(SAE):
         self.b_enc.zero_()
         perm = torch.randperm(self.d_sae, generator=generator)
         group = torch.empty(self.d_sae, dtype=torch.long)
-        group[perm] = torch.arange(self.d_sae) % self.cfg.gba.groups  # equal sizes, ±1
+        group[perm] = torch.arange(self.d_sae) % self.cfg.options.groups  # equal sizes, ±1
         self.group.copy_(group)
         self.fire_count.zero_()
         self.max_pre.zero_()
@@ -126,7 +161,7 @@ class GBASAE(SAE):
         return self._input_for_encoder(x_BD, self.W_enc)
 
     def activate(self, h_BF: Tensor, u_BF: Tensor) -> Tensor:
-        if self.cfg.gba.activation == "relu":
+        if self.cfg.options.activation == "relu":
             return torch.relu(u_BF)
         return torch.where(u_BF > 0, h_BF, 0.0)
 
@@ -136,7 +171,7 @@ class GBASAE(SAE):
 
     def decoder_weight(self) -> Tensor:
         """The decoder the loss differentiates: ``W_encᵀ`` when tied (W_dec mirrors it)."""
-        return self.W_enc.T if self.cfg.gba.tied else self.W_dec
+        return self.W_enc.T if self.cfg.options.tied else self.W_dec
 
     def loss(self, x_BD: Tensor, step: int, **_: Tensor | None) -> LossOutput:
         h_BF = self.projections(x_BD)
@@ -156,7 +191,7 @@ class GBASAE(SAE):
     # ---- bias adaptation (§8.3) ------------------------------------------------------------------
     @torch.no_grad()
     def after_step(self, step: int, out: LossOutput) -> None:
-        if self.cfg.gba.tied:
+        if self.cfg.options.tied:
             self.W_dec.copy_(self.W_enc.T)
         if self._pending is None:
             return
@@ -165,13 +200,13 @@ class GBASAE(SAE):
         self.fire_count.add_(count_F)
         torch.maximum(self.max_pre, max_F.to(self.max_pre.dtype), out=self.max_pre)
         self.buffered_tokens += n
-        if self.buffered_tokens >= self.cfg.gba.buffer_tokens:
+        if self.buffered_tokens >= self.cfg.options.buffer_tokens:
             self.adapt_biases()
 
     @torch.no_grad()
     def adapt_biases(self) -> None:
         """One bias update from the window statistics, then a fresh window. No host sync."""
-        g = self.cfg.gba
+        g = self.cfg.options
         p_hat_F = self.fire_count.float() / max(self.buffered_tokens, 1)
         r_F = self.max_pre.clamp_min(0)
         K = g.groups
@@ -202,14 +237,14 @@ class GBASAE(SAE):
     # ---- decoder norm (N1; on the shared vectors when tied) --------------------------------------
     @torch.no_grad()
     def normalize_decoder(self) -> None:
-        if not self.cfg.gba.tied:
+        if not self.cfg.options.tied:
             return super().normalize_decoder()
         self.W_enc.div_(self.W_enc.norm(dim=0, keepdim=True) + 1e-8)
         self.W_dec.copy_(self.W_enc.T)
 
     @torch.no_grad()
     def project_decoder_grad(self) -> None:
-        if not self.cfg.gba.tied:
+        if not self.cfg.options.tied:
             return super().project_decoder_grad()
         g = self.W_enc.grad
         if g is None:

@@ -9,24 +9,24 @@
 Training (§3.2–§3.3, [R]): ``L = ‖x − x̂‖² + λ·S`` with per-token SSE averaged over the batch and
 λ = ``l1_coefficient`` (linearly warmed up by the trainer). The step function has no useful
 derivative, so θ learns through straight-through pseudo-derivatives with a rectangle kernel
-``K(u) = 1[|u| < 1/2]`` of bandwidth ε (``jumprelu.bandwidth``):
+``K(u) = 1[|u| < 1/2]`` of bandwidth ε (``options.bandwidth``):
 
 - the JumpReLU output passes the true derivative ``1[π > θ]`` to π and ``−(θ/ε)K((π−θ)/ε)``
   to θ (:class:`JumpReLUFunction`);
 - the L0 term passes nothing to π (a π pseudo-gradient there kills latents, §3.3) and
   ``−(1/ε)K((π−θ)/ε)`` to θ (:class:`StepCount`).
 
-Sparsity term S (``jumprelu.sparsity_loss``):
+Sparsity term S (``options.sparsity_loss``):
 
 - ``l0`` (default, §3.2): mean L0 per token.
 - ``target_l0`` (§3.7, the ``dictionary_learning`` default [C]): ``(L0/target − 1)²`` on the
   batch-mean L0; λ defaults to 1 there.
 - ``tanh`` (§3.7, Anthropic Jan 2025 via SAELens [C]): ``Σ_i tanh(c·f_i‖d_i‖)`` per token; the
   Anthropic recipe pairs it with a much wider bandwidth than 0.001 on differently scaled inputs,
-  so tune ``jumprelu.bandwidth`` when using it.
+  so tune ``options.bandwidth`` when using it.
 
 Any of them can add the pre-activation loss ``coef·Σ_i ReLU(θ_i − π_i)‖d_i‖`` on latents the
-trainer counts as dead (``jumprelu.pre_act_coefficient``; 0 = off), which pulls dead latents'
+trainer counts as dead (``options.pre_act_coefficient``; 0 = off), which pulls dead latents'
 pre-activations up to their thresholds.
 
 Defaults: no pre-encoder bias (§3.1), unit-norm decoder with tangent projection (N1, §3.5; [U]
@@ -54,12 +54,14 @@ SAELens computes ``ReLU(π) ⊙ 1[π > θ]``.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
-from saelab.config import SAEConfig
+from saelab.config import SAEConfig, opt
+from saelab.errors import ConfigError
 from saelab.saes.base import SAE, LossOutput
 from saelab.saes.registry import register
 
@@ -83,6 +85,39 @@ def _count_dtype(t: Tensor) -> torch.dtype:
 def _in_window(pi_BF: Tensor, theta_F: Tensor, bandwidth: float) -> Tensor:
     """Rectangle kernel K((π − θ)/ε) as a bool mask: |π − θ| < ε/2."""
     return (pi_BF - theta_F).abs_() < 0.5 * bandwidth
+
+
+@dataclass
+class JumpReLUOptions:
+    """JumpReLU training (METHODS §3): straight-through estimators and the sparsity loss."""
+
+    bandwidth: float = opt(
+        0.001, "Kernel bandwidth epsilon of the threshold pseudo-derivatives (§3.3; [R]).",
+        flag="jumprelu_bandwidth")
+    init_threshold: float = opt(0.001, "Initial threshold theta of every latent (§3.4; [R]).",
+                                flag="jumprelu_init_threshold")
+    sparsity_loss: str = opt(
+        "l0", "Sparsity term: l0 (lambda * L0, §3.2), target_l0 ((L0/target - 1)^2, §3.7, the "
+        "dictionary_learning default) or tanh (Anthropic Jan-2025 lambda*sum tanh(c f ||d||)).",
+        flag="jumprelu_sparsity_loss", choices=("l0", "target_l0", "tanh"))
+    target_l0: float = opt(20.0, "Target L0 of the target_l0 sparsity loss (dictionary_learning: "
+                           "20 [C]); --l1-coefficient is its weight (default 1).",
+                           flag="jumprelu_target_l0")
+    tanh_c: float = opt(4.0, "c of the tanh sparsity loss.", flag="jumprelu_tanh_c")
+    pre_act_coefficient: float = opt(
+        0.0, "Coefficient of the pre-activation loss sum ReLU(theta - pi)*||d|| on dead latents "
+        "(paired with tanh by Anthropic, ~3e-6; works with any sparsity loss); 0 disables.",
+        flag="jumprelu_pre_act_coefficient")
+
+    def validate(self) -> None:
+        if self.bandwidth <= 0 or self.init_threshold <= 0:
+            raise ConfigError("--jumprelu-bandwidth and --jumprelu-init-threshold must be > 0")
+        if self.sparsity_loss not in ("l0", "target_l0", "tanh"):
+            raise ConfigError(f"--jumprelu-sparsity-loss must be l0, target_l0 or tanh, got "
+                              f"{self.sparsity_loss!r}")
+        if self.target_l0 <= 0 or self.tanh_c <= 0 or self.pre_act_coefficient < 0:
+            raise ConfigError("--jumprelu-target-l0 and --jumprelu-tanh-c must be > 0 and "
+                              "--jumprelu-pre-act-coefficient >= 0")
 
 
 class JumpReLUFunction(torch.autograd.Function):
@@ -136,20 +171,22 @@ class StepCount(torch.autograd.Function):
 @register
 class JumpReLUSAE(SAE):
     architecture = "jumprelu"
+    Options = JumpReLUOptions
     saelens_architecture = "jumprelu"
+    saelens_loads = ("jumprelu",)
     defaults = {
         # Gemma Scope convention (§0.2, §3.1): no pre-encoder bias.
         "apply_b_dec_to_input": False,
         # §3.4 [R]: E‖x‖² = 1, the scale at which ε = θ₀ = 0.001 are meaningful.
         "normalize_activations": "scalar_unit_mean_sq_norm",
         # an unknown sparsity_loss falls back here and is rejected by validate() in __init__
-        "l1_coefficient": lambda v: DEFAULT_LAMBDA.get(v["jumprelu"]["sparsity_loss"], 0.0),
+        "l1_coefficient": lambda v: DEFAULT_LAMBDA.get(v["options"].sparsity_loss, 0.0),
     }
     # β1 = 0 (§3.6 [R]); LR 1e-3, not 7e-5: see the module docstring.
     train_defaults = {"lr": 1e-3, "adam_beta1": 0.0}
     # λ of the default l0 loss, high to low, aiming at L0 ≈ 10 / tens / ~100 on SmolLM2 (see
     # DEFAULT_LAMBDA; the ends are extrapolated from short runs). Meant for the l0 loss: under
-    # target_l0, λ only weights the penalty and jumprelu.target_l0 sets the sparsity.
+    # target_l0, λ only weights the penalty and options.target_l0 sets the sparsity.
     sweep_levels = (1.6e-2, 4e-3, 1e-3)
 
     def __init__(
@@ -159,7 +196,7 @@ class JumpReLUSAE(SAE):
         dtype: torch.dtype = torch.float32,
     ):
         super().__init__(cfg, device=device, dtype=dtype)
-        self.cfg.jumprelu.validate()
+        self.cfg.options.validate()
         kw = {"device": device, "dtype": dtype}
         self.b_enc = nn.Parameter(torch.zeros(self.d_sae, **kw))
         # A Parameter named as in SAELens' jumprelu layout; learned directly (module docstring).
@@ -169,13 +206,20 @@ class JumpReLUSAE(SAE):
     def unit_norm_decoder(self) -> bool:
         return True  # N1 (§3.5)
 
+    @classmethod
+    def from_saelens_tensors(cls, tensors: dict[str, Tensor]) -> None:
+        super().from_saelens_tensors(tensors)
+        # older SAELens JumpReLU folders store log θ
+        if "log_threshold" in tensors and "threshold" not in tensors:
+            tensors["threshold"] = tensors.pop("log_threshold").exp()
+
     @torch.no_grad()
     def reset_parameters(self, generator: torch.Generator | None = None) -> None:
         # §3.4 [R]: Kaiming-uniform unit-norm decoder, W_enc = W_decᵀ, zero biases, θ = 0.001.
         self.init_tied_(generator, row_norm=1.0)
         self.b_enc.zero_()
         self.b_dec.zero_()
-        self.threshold.fill_(self.cfg.jumprelu.init_threshold)
+        self.threshold.fill_(self.cfg.options.init_threshold)
 
     def pre_acts(self, x_BD: Tensor) -> Tensor:
         return self._input_for_encoder(x_BD, self.W_enc) + self.b_enc
@@ -188,7 +232,7 @@ class JumpReLUSAE(SAE):
     # ---- training ------------------------------------------------------------------------------
     def loss(self, x_BD: Tensor, step: int, *, dead_mask_F: Tensor | None = None,
              **_: Tensor | None) -> LossOutput:
-        opts = self.cfg.jumprelu
+        opts = self.cfg.options
         eps = opts.bandwidth
         n_tokens = x_BD.shape[0]
         pi_BF = self.pre_acts(x_BD)

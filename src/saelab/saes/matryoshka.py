@@ -1,7 +1,7 @@
 """Matryoshka SAE over BatchTopK (Bussmann, Nabeshima, Karvonen & Nanda 2025; METHODS.md §13.1).
 
 The ``d_sae`` latents are split into ordered groups with prefix ends ``m_1 < … < m_G = d_sae``
-(``matryoshka.group_fractions``, normalised; integer sizes are accepted too, e.g. ``"1,1,2,4"``).
+(``options.group_fractions``, normalised; integer sizes are accepted too, e.g. ``"1,1,2,4"``).
 Selection is BatchTopK over *all* latents (§4.8, inherited: ``k·B`` largest ``ReLU(π)`` of the
 batch in training, one global EMA threshold at inference, saved as SAELens ``jumprelu``). Every
 prefix must reconstruct the input on its own::
@@ -12,7 +12,7 @@ prefix must reconstruct the input on its own::
 ``nmse`` is the batch-normalised MSE (``Σ‖x − x̂‖² / Σ‖x − x̄‖²``) the whole TopK family uses,
 not the official repo's elementwise MSE: per batch the two differ by one positive factor, so the
 weighting between prefixes is the same and α keeps the meaning it has for TopK/BatchTopK.
-``matryoshka.include_b_dec_term`` (on by default, as in the official repo [C]) adds the
+``options.include_b_dec_term`` (on by default, as in the official repo [C]) adds the
 ``b_dec``-only reconstruction (j = 0) to the mean. AuxK uses the full-dictionary residual.
 
 The prefix reconstructions are built without a dense code: one ``embedding_bag`` decodes each
@@ -28,17 +28,50 @@ full code with latents ``≥ m`` zeroed.
 from __future__ import annotations
 
 import dataclasses
+from dataclasses import dataclass
 from fractions import Fraction
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from saelab import dist
+from saelab.config import opt
 from saelab.errors import ConfigError
+from saelab.saes._topk_base import BatchTopKBaseSAE, TopKOptions
 from saelab.saes.base import LossOutput
 from saelab.saes.registry import register
 from saelab.saes.sparse import SparseCode, SparsePreActs, attach_grad, normalized_mse
-from saelab.saes.topk import BatchTopKSAE
+
+
+@dataclass
+class MatryoshkaOptions(TopKOptions):
+    """Matryoshka SAE over BatchTopK (METHODS §13.1)."""
+
+    group_fractions: str = opt(
+        "0.0625,0.0625,0.125,0.25,0.5",
+        "Comma-separated fractions of d_sae per nested group, in order (official example "
+        "[M/16, M/16, M/8, M/4, M/2]); normalised to sum to 1, so integer group sizes work too. "
+        "Every group gets at least one latent.")
+    include_b_dec_term: bool = opt(
+        True, "Include the b_dec-only reconstruction (j = 0) in the mean over prefixes, as the "
+        "official repo does.")
+
+    def validate(self) -> None:
+        super().validate()
+        fracs = parse_fractions(self.group_fractions)
+        if not fracs or any(f <= 0 for f in fracs):
+            raise ConfigError(
+                f"--group-fractions must be positive comma-separated numbers, got "
+                f"{self.group_fractions!r}")
+
+
+def parse_fractions(text: str) -> list[float]:
+    """'0.25,0.75' -> [0.25, 0.75]; [] if unparsable."""
+    try:
+        return [float(v) for v in str(text).split(",") if v.strip()]
+    except ValueError:
+        return []
 
 
 def group_ends(fractions: str, d_sae: int) -> list[int]:
@@ -69,18 +102,19 @@ def group_ends(fractions: str, d_sae: int) -> list[int]:
 
 
 @register
-class MatryoshkaSAE(BatchTopKSAE):
+class MatryoshkaSAE(BatchTopKBaseSAE):
     """BatchTopK SAE trained so that every prefix of the dictionary reconstructs (METHODS §13.1)."""
 
     architecture = "matryoshka"
-    sweep_param = "topk.k"
+    Options = MatryoshkaOptions
+    sweep_param = "options.k"
     sweep_levels = (16, 32, 64)
 
     def __init__(self, cfg, device=None, dtype=torch.float32):
         super().__init__(cfg, device=device, dtype=dtype)
         #: prefix ends m_1 < … < m_G = d_sae
         self.prefix_ends: tuple[int, ...] = tuple(
-            group_ends(self.cfg.matryoshka.group_fractions, self.d_sae))
+            group_ends(self.cfg.options.group_fractions, self.d_sae))
         ends = torch.tensor(self.prefix_ends, device=device)
         # group of every latent (a pure function of the config: not saved)
         self.register_buffer("group_of_F", torch.bucketize(
@@ -116,7 +150,10 @@ class MatryoshkaSAE(BatchTopKSAE):
     def prefix_losses(self, x_BD: Tensor, code: SparseCode) -> tuple[Tensor, Tensor]:
         """(nmse of every prefix ``[G]``, full reconstruction ``[B, D]``)."""
         prefix_BGD = self.group_decodes(code, x_BD.shape[0]).cumsum(1) + self.b_dec
-        var = (x_BD - x_BD.mean(0)).pow(2).sum().clamp_min(1e-12)
+        if dist.is_distributed():  # global FVU denominator, W x this rank's share (dist.py)
+            var = dist.global_centered_sq_sum(x_BD).clamp_min(1e-12) / dist.world_size()
+        else:
+            var = (x_BD - x_BD.mean(0)).pow(2).sum().clamp_min(1e-12)
         sse_G = (prefix_BGD - x_BD[:, None, :]).pow(2).sum(dim=(0, 2))
         return sse_G / var, prefix_BGD[:, -1]
 
@@ -132,7 +169,7 @@ class MatryoshkaSAE(BatchTopKSAE):
         nmse_G, recon_BD = self.prefix_losses(x_BD, code)
         terms = {f"nmse_prefix_{j + 1}": nmse_G[j] for j in range(self.n_groups - 1)}
         terms["nmse"] = nmse_G[-1]
-        if self.cfg.matryoshka.include_b_dec_term:
+        if self.cfg.options.include_b_dec_term:
             terms["nmse_prefix_0"] = normalized_mse(self.b_dec.expand_as(x_BD), x_BD)
             matryoshka = (nmse_G.sum() + terms["nmse_prefix_0"]) / (self.n_groups + 1)
         else:
@@ -140,7 +177,7 @@ class MatryoshkaSAE(BatchTopKSAE):
         terms["matryoshka"] = matryoshka
         aux = self.aux_loss(pre, x_BD - recon_BD, dead_mask_F)
         terms["auxk"] = aux
-        total = matryoshka + self.cfg.topk.aux_coefficient * aux
+        total = matryoshka + self.cfg.options.aux_coefficient * aux
         return LossOutput(total, terms, None, recon_BD, fired_F=code.fired(self.d_sae),
                           l0=code.l0(x_BD.shape[0]))
 
@@ -158,9 +195,8 @@ class MatryoshkaSAE(BatchTopKSAE):
         sizes = [min(e, m) - s for s, e in zip(starts, self.prefix_ends, strict=True) if s < m]
         cfg = dataclasses.replace(
             self.cfg, d_sae=m,
-            topk=dataclasses.replace(self.cfg.topk, k=min(self.cfg.topk.k, m)),
-            matryoshka=dataclasses.replace(self.cfg.matryoshka,
-                                           group_fractions=",".join(map(str, sizes))))
+            options=dataclasses.replace(self.cfg.options, k=min(self.cfg.options.k, m),
+                                        group_fractions=",".join(map(str, sizes))))
         small = type(self)(cfg, device=self.W_dec.device, dtype=self.W_dec.dtype)
         small.W_enc.copy_(self.W_enc[:, :m])
         small.W_dec.copy_(self.W_dec[:m])

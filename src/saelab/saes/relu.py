@@ -14,6 +14,8 @@ Loss scale: per-token SSE averaged over the batch, on inputs normalised so that
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 from torch import Tensor, nn
 
@@ -21,9 +23,16 @@ from saelab.saes.base import SAE, LossOutput
 from saelab.saes.registry import register
 
 
+@dataclass
+class ReLUOptions:
+    """ReLU SAE: no options of its own (--l1-coefficient and --variant are shared)."""
+
+
 @register
 class ReLUSAE(SAE):
     architecture = "relu"
+    Options = ReLUOptions
+    saelens_loads = ("standard",)
     saelens_architecture = "standard"
     variants = ("april", "tm")
     defaults = {

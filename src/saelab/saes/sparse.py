@@ -26,6 +26,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from saelab import dist
+
 
 @contextlib.contextmanager
 def serial(device: torch.device | None = None) -> Iterator[None]:
@@ -330,6 +332,24 @@ def topk_per_batch(acts_BF: Tensor, k_total: int, relu: bool = False) -> SparseC
     return SparseCode(flat - rows * Fdim, vals, offsets)
 
 
+def topk_per_global_batch(acts_BF: Tensor, k_total: int, relu: bool = False) -> SparseCode:
+    """:func:`topk_per_batch` over the *global* batch of a data-parallel run: ``k_total``
+    counts the entries of every rank's rows, and each rank keeps its entries at or above the
+    global ``k_total``-th largest value (the same set up to ties). Single process: exactly
+    :func:`topk_per_batch`."""
+    if not dist.is_distributed():
+        return topk_per_batch(acts_BF, k_total, relu)
+    tau = dist.global_kth_largest(acts_BF.reshape(-1), k_total)
+    idx = (acts_BF >= tau).nonzero()  # row-major: grouped by row, as topk_per_batch's
+    vals = acts_BF[idx[:, 0], idx[:, 1]]
+    if relu:
+        vals = torch.relu(vals)
+    counts = torch.bincount(idx[:, 0], minlength=acts_BF.shape[0])
+    offsets = torch.zeros(acts_BF.shape[0] + 1, dtype=torch.long, device=acts_BF.device)
+    torch.cumsum(counts, 0, out=offsets[1:])
+    return SparseCode(idx[:, 1], vals, offsets)
+
+
 def _topk_flat(v_N: Tensor, k: int, chunk: int = 8) -> tuple[Tensor, Tensor]:
     """``v_N.topk(k, sorted=False)`` for large ``k``, exact up to ties, ~4x faster on CPU.
 
@@ -352,7 +372,14 @@ def _topk_flat(v_N: Tensor, k: int, chunk: int = 8) -> tuple[Tensor, Tensor]:
 
 # ---- losses -----------------------------------------------------------------------------------
 def normalized_mse(recon_BD: Tensor, x_BD: Tensor) -> Tensor:
-    """Batch FVU ``Σ‖x − x̂‖² / Σ‖x − x̄‖²`` (the sparsify form of §4.2's normalised MSE)."""
+    """Batch FVU ``Σ‖x − x̂‖² / Σ‖x − x̄‖²`` (the sparsify form of §4.2's normalised MSE).
+
+    Data-parallel: the denominator is the global batch's, and each rank returns W times its
+    share of the global FVU, so the rank mean (gradients are averaged) is the global FVU."""
+    if dist.is_distributed():
+        var = dist.global_centered_sq_sum(x_BD)
+        return (F.mse_loss(recon_BD, x_BD, reduction="sum") * dist.world_size()
+                / var.clamp_min(1e-12))
     xc = (x_BD - x_BD.mean(0)).flatten()
     var = xc @ xc  # one BLAS dot, no squared temporary
     return F.mse_loss(recon_BD, x_BD, reduction="sum") / var.clamp_min(1e-12)

@@ -9,10 +9,11 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from saelab.errors import CheckpointError
-from saelab.fsutil import atomic_folder, sha256_file
+from saelab.fsutil import atomic_folder, atomic_write_json, file_mode, sha256_file
 
 STATE_FILE = "state.safetensors"
 META_FILE = "state.json"
@@ -31,11 +32,23 @@ def checkpoint_dir(run_dir: Path) -> Path:
 
 def save_checkpoint(run_dir: Path, step: int, tensors: dict[str, torch.Tensor],
                     meta: dict[str, Any]) -> None:
-    with atomic_folder(checkpoint_dir(run_dir)) as tmp:
-        save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()},
-                  str(tmp / STATE_FILE))
-        full = {**meta, "step": step, "sha256": sha256_file(tmp / STATE_FILE)}
-        (tmp / META_FILE).write_text(json.dumps(full, indent=2))
+    """Replace the run's checkpoint atomically. A failed write (disk full, read-only folder)
+    raises :class:`CheckpointError` and leaves the previous checkpoint as it was."""
+    target = checkpoint_dir(run_dir)
+    try:
+        with atomic_folder(target) as tmp:
+            state = tmp / STATE_FILE
+            save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(state))
+            state.chmod(file_mode())  # safetensors writes 0600; follow the umask
+            full = {**meta, "step": step, "sha256": sha256_file(state)}
+            atomic_write_json(tmp / META_FILE, full)
+    except (OSError, SafetensorError) as e:
+        reason = getattr(e, "strerror", None) or str(e).strip().splitlines()[0] or type(e).__name__
+        kept = "the previous checkpoint is kept" if target.exists() else "no checkpoint was saved"
+        raise CheckpointError(
+            f"cannot write the checkpoint to {target} ({reason}); {kept}: free disk space or "
+            f"fix the folder's permissions, then rerun with --resume"
+        ) from None
 
 
 def load_checkpoint(run_dir: Path) -> CheckpointState:

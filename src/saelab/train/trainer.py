@@ -2,6 +2,12 @@
 
 The hot loop is matmuls: no ``.item()`` outside logging steps, schedules are Python floats,
 dead-latent counters and running sums stay on the device.
+
+Data-parallel (inside a ``torch.distributed`` process group, see ``saelab.train.distributed``):
+every rank gets its ``B / W`` rows of the global batch, gradients are averaged over ranks
+before clipping, "fired" masks are OR-ed so the dead-latent counters agree, logged metrics
+are global, and only rank 0 writes checkpoints, logs and progress. Single-process runs take
+the exact code path they always did.
 """
 
 from __future__ import annotations
@@ -17,6 +23,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from saelab import dist
 from saelab.config import TrainConfig
 from saelab.errors import CheckpointError, ConfigError, SaelabError
 from saelab.saes.base import SAE
@@ -54,11 +61,14 @@ class Trainer:
                  input_scale: float = 1.0, progress: bool = True,
                  on_log: Callable[[dict[str, Any]], None] | None = None):
         self.sae, self.cfg, self.run_dir = sae, cfg, Path(run_dir) if run_dir else None
-        if self.run_dir is not None:
+        #: ranks of the process group (1: a single process); only the main rank writes
+        self.world, self.is_main = dist.world_size(), dist.is_main()
+        if self.run_dir is not None and self.is_main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
         self.input_scale = float(input_scale)
-        self.progress, self.on_log = progress, on_log
+        self.progress, self.on_log = progress and self.is_main, on_log
         self.device = sae.W_dec.device
+        self.autocast_dtype = resolve_autocast(cfg.autocast, self.device)
         self.total_steps = cfg.total_steps
         sae.sparsity_warmup_steps = sparsity_warmup_steps(self.total_steps, cfg.l1_warmup_fraction)
         sae.total_steps = self.total_steps
@@ -75,7 +85,7 @@ class Trainer:
         )
         self.dead = DeadLatentTracker(sae.d_sae, cfg.dead_window(), self.device)
         self.step = 0
-        self._wandb = _init_wandb(cfg, sae) if cfg.wandb_project else None
+        self._wandb = _init_wandb(cfg, sae) if cfg.wandb_project and self.is_main else None
 
     # ---- state -------------------------------------------------------------------------------
     def state_tensors(self) -> dict[str, Tensor]:
@@ -87,7 +97,7 @@ class Trainer:
         return tensors
 
     def save_checkpoint(self) -> None:
-        if self.run_dir is None:
+        if self.run_dir is None or not self.is_main:
             return
         meta = {"input_scale": self.input_scale, "total_steps": self.total_steps,
                 "batch_size": self.cfg.batch_size, "architecture": self.sae.architecture,
@@ -130,6 +140,8 @@ class Trainer:
         that simulate an interruption). ``batches`` must start at batch ``self.step``; a batch
         is ``x_BD`` or ``(x_BD, grad_BD)`` (LM-loss gradients, for families that use them)."""
         cfg, sae = self.cfg, self.sae
+        if self.world > 1:  # every rank starts from rank 0's weights (and resumed state)
+            dist.broadcast_([*sae.parameters(), *sae.buffers(), self.dead.tokens_since_fired])
         end = self.total_steps if stop_after is None else min(self.total_steps, self.step + stop_after)
         bar = _progress(self.total_steps, self.step, self.progress)
         start_step, t0 = self.step, time.perf_counter()
@@ -167,6 +179,7 @@ class Trainer:
         if bar is not None:
             bar.close()
         self.save_checkpoint()
+        dist.barrier()  # the final checkpoint exists before any rank moves on
         secs = time.perf_counter() - t0
         tokens = (self.step - start_step) * cfg.batch_size
         return TrainResult(self.step, self.step * cfg.batch_size, secs,
@@ -174,9 +187,24 @@ class Trainer:
 
     def _train_step(self, x_BD: Tensor, grad_BD: Tensor | None = None):
         sae, cfg = self.sae, self.cfg
-        out = sae.loss(x_BD, self.step, dead_mask_F=self.dead.dead_mask(), grad_BD=grad_BD)
+        if self.autocast_dtype is None:
+            out = sae.loss(x_BD, self.step, dead_mask_F=self.dead.dead_mask(), grad_BD=grad_BD)
+        else:
+            try:
+                with torch.autocast(self.device.type, dtype=self.autocast_dtype):
+                    out = sae.loss(x_BD, self.step, dead_mask_F=self.dead.dead_mask(),
+                                   grad_BD=grad_BD)
+            except RuntimeError as e:  # a custom kernel that is not autocast-aware
+                if "type" not in str(e):
+                    raise
+                raise ConfigError(
+                    f"--autocast {cfg.autocast} is not supported by {sae.architecture} (its "
+                    f"kernels mix dtypes under autocast: {str(e).splitlines()[0][:120]}); "
+                    "use --autocast off") from None
         self.opt.zero_grad(set_to_none=True)
         out.total.backward()
+        if self.world > 1:
+            dist.all_reduce_mean_grads_(self.named_params.values())
         if sae.unit_norm_decoder:
             sae.project_decoder_grad()
         if cfg.grad_clip > 0:
@@ -189,7 +217,13 @@ class Trainer:
         if sae.unit_norm_decoder:
             sae.normalize_decoder()
         sae.after_step(self.step, out)
-        if out.fired_F is not None:
+        if self.world > 1:
+            fired_F = out.fired_F
+            if fired_F is None:  # the tracker's own test, made before the OR over ranks
+                lat = out.latents.detach()
+                fired_F = (lat.amax(0) > self.dead.eps) | (lat.amin(0) < -self.dead.eps)
+            self.dead.update_fired(dist.all_reduce_any(fired_F), x_BD.shape[0] * self.world)
+        elif out.fired_F is not None:
             self.dead.update_fired(out.fired_F, x_BD.shape[0])
         else:
             self.dead.update(out.latents.detach())
@@ -198,6 +232,8 @@ class Trainer:
     # ---- logging ------------------------------------------------------------------------------
     @torch.no_grad()
     def _log(self, x_BD: Tensor, out, t0: float, start_step: int) -> dict[str, float]:
+        if self.world > 1:
+            return self._log_global(x_BD, out, t0, start_step)
         total = out.total.item()
         if not math.isfinite(total):
             raise TrainingDivergedError(
@@ -207,7 +243,6 @@ class Trainer:
         x = x_BD.float()
         sse = (out.recon.float() - x).pow(2).sum()
         var = (x - x.mean(0)).pow(2).sum()
-        secs = time.perf_counter() - t0
         rec = {
             "step": self.step,
             "tokens": self.step * self.cfg.batch_size,
@@ -216,10 +251,45 @@ class Trainer:
             "l0": (out.l0 if out.l0 is not None
                    else (out.latents != 0).sum(-1).float().mean()).item(),
             "fvu": (sse / var).item(),
+        }
+        return self._write_log(rec, t0, start_step)
+
+    @torch.no_grad()
+    def _log_global(self, x_BD: Tensor, out, t0: float, start_step: int) -> dict[str, float]:
+        """The record of :meth:`_log` over the global batch (a collective: every rank calls it).
+
+        Each rank's loss terms are its share of the global loss under the gradient-averaging
+        convention (``saelab.dist``), so their rank mean is the global value; so is the mean of
+        the per-token L0 (equal local batches)."""
+        x = x_BD.float()
+        l0 = (out.l0 if out.l0 is not None
+              else (out.latents != 0).sum(-1).float().mean())
+        names = list(out.terms)
+        means = torch.stack([out.total.detach().float().reshape(()), l0.float().reshape(()),
+                             *(out.terms[k].detach().float().reshape(()) for k in names)])
+        means = dist.all_reduce_sum(means) / self.world
+        sse = dist.all_reduce_sum((out.recon.float() - x).pow(2).sum())
+        var = dist.global_centered_sq_sum(x)
+        vals = means.tolist()
+        if not math.isfinite(vals[0]):
+            raise TrainingDivergedError(
+                f"training diverged: loss is {vals[0]} at step {self.step}; lower --lr or "
+                "--l1-coefficient, or check the activations"
+            )
+        rec = {"step": self.step, "tokens": self.step * self.cfg.batch_size, "loss": vals[0],
+               **dict(zip(names, vals[2:], strict=True)), "l0": vals[1],
+               "fvu": (sse / var).item()}
+        return self._write_log(rec, t0, start_step)
+
+    def _write_log(self, rec: dict[str, Any], t0: float, start_step: int) -> dict[str, float]:
+        secs = time.perf_counter() - t0
+        rec.update({
             "dead_fraction": self.dead.dead_fraction().item(),
             "lr": self.opt.param_groups[0]["lr"],
             "tokens_per_second": (self.step - start_step) * self.cfg.batch_size / max(secs, 1e-9),
-        }
+        })
+        if not self.is_main:
+            return rec
         if self.run_dir is not None:
             with open(self.run_dir / "metrics.jsonl", "a") as fh:
                 fh.write(json.dumps(rec) + "\n")
@@ -232,11 +302,31 @@ class Trainer:
     def _truncate_log(self, step: int) -> None:
         """Drop log lines written after the checkpoint we resume from."""
         path = self.run_dir / "metrics.jsonl" if self.run_dir else None
-        if path is None or not path.exists():
+        if path is None or not path.exists() or not self.is_main:
             return
         keep = [ln for ln in path.read_text().splitlines()
                 if ln.strip() and json.loads(ln).get("step", 0) <= step]
         path.write_text("".join(ln + "\n" for ln in keep))
+
+
+AUTOCAST_MODES = ("off", "bf16", "auto")
+
+
+def resolve_autocast(mode: str, device: torch.device) -> torch.dtype | None:
+    """The autocast dtype of the SAE forward/backward, or None for plain float32.
+
+    ``auto`` picks bf16 where bf16 matmuls are fast and measured to win (CUDA with bf16), and
+    off elsewhere: on a CPU without AMX bf16 is emulated and slower than float32."""
+    mode = (mode or "off").strip().lower()
+    if mode not in AUTOCAST_MODES:
+        raise ConfigError(f"unknown --autocast {mode!r}: choose one of {', '.join(AUTOCAST_MODES)}")
+    if mode == "off":
+        return None
+    if mode == "bf16":
+        return torch.bfloat16
+    if device.type == "cuda" and torch.cuda.is_bf16_supported():
+        return torch.bfloat16
+    return None
 
 
 def _adam_impl(device: torch.device) -> dict[str, bool]:

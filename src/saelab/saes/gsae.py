@@ -37,31 +37,47 @@ scale-free and folding ``c`` into the biases keeps it exact; with ``grad_norm = 
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 from torch import Tensor
 
+from saelab.config import opt
 from saelab.errors import ConfigError
+from saelab.saes._topk_base import TopKBaseSAE, TopKOptions
 from saelab.saes.base import LossOutput, SAEOutput
 from saelab.saes.registry import register
 from saelab.saes.sparse import SparseCode, normalized_mse, topk_per_token
-from saelab.saes.topk import TopKSAE
 
 GRAD_NORMS = ("none", "per_token_l2", "batch_mean_l2")
 
 
+@dataclass
+class GSAEOptions(TopKOptions):
+    """Gradient TopK SAE (METHODS §7): selection by z + beta z |g W_dec^T|."""
+
+    beta: float = opt(1.0, "beta of the selection score; 0 = plain TopK ([U] default).",
+                      flag="gsae_beta")
+    grad_norm: str = opt(
+        "batch_mean_l2", "Normalisation of the LM-loss gradient g before scoring ([U]): none, "
+        "per_token_l2 (g/||g||) or batch_mean_l2 (g / mean of ||g|| over the batch given).",
+        flag="gsae_grad_norm", choices=("none", "per_token_l2", "batch_mean_l2"))
+
+
 @register
-class GradientSAE(TopKSAE):
+class GradientSAE(TopKBaseSAE):
     """g-SAE: TopK whose selection adds each latent's first-order effect on the LM loss."""
 
     architecture = "gsae"
+    Options = GSAEOptions
     saelens_architecture = "topk"
     uses_lm_grads = True
-    sweep_param = "topk.k"
+    sweep_param = "options.k"
     sweep_levels = (16, 32, 64)
 
     def __init__(self, cfg, device=None, dtype=torch.float32):
         super().__init__(cfg, device=device, dtype=dtype)
-        g = self.cfg.gsae
+        g = self.cfg.options
         if not (g.beta >= 0 and g.beta < float("inf")):
             raise ConfigError(f"--gsae-beta must be a finite number >= 0, got {g.beta}")
         if g.grad_norm not in GRAD_NORMS:
@@ -70,13 +86,13 @@ class GradientSAE(TopKSAE):
 
     @property
     def beta(self) -> float:
-        return float(self.cfg.gsae.beta)
+        return float(self.cfg.options.beta)
 
     # ---- the gradient selection ----------------------------------------------------------------
     def normalize_grad(self, grad_BD: Tensor) -> Tensor:
-        """ĝ per ``cfg.gsae.grad_norm`` (no autograd)."""
+        """ĝ per ``options.grad_norm`` (no autograd)."""
         g = grad_BD.detach().to(self.W_dec.dtype)
-        mode = self.cfg.gsae.grad_norm
+        mode = self.cfg.options.grad_norm
         if mode == "per_token_l2":
             return g / g.norm(dim=1, keepdim=True).clamp_min(1e-12)
         if mode == "batch_mean_l2":
@@ -126,7 +142,7 @@ class GradientSAE(TopKSAE):
         recon_BD = code.decode(self.W_dec) + self.b_dec
         nmse = normalized_mse(recon_BD, x_BD)
         aux = self.aux_loss(pre_BF, x_BD - recon_BD, dead_mask_F)
-        total = nmse + self.cfg.topk.aux_coefficient * aux
+        total = nmse + self.cfg.options.aux_coefficient * aux
         return LossOutput(total, {"nmse": nmse, "auxk": aux}, None, recon_BD,
                           fired_F=code.fired(self.d_sae), l0=code.l0(x_BD.shape[0]))
 
@@ -136,5 +152,5 @@ class GradientSAE(TopKSAE):
         """As TopK; with an unnormalised gradient also β ← β/c, so the selection on raw
         ``(x, g)`` equals the training-time one on ``(c·x, g/c)``."""
         super().fold_input_scale(scale)
-        if self.cfg.gsae.grad_norm == "none":
-            self.cfg.gsae.beta = self.beta / scale
+        if self.cfg.options.grad_norm == "none":
+            self.cfg.options.beta = self.beta / scale

@@ -5,9 +5,9 @@ directions (``|d_i·d_j| ≤ ε``), then ``|‖z‖² − ‖f‖²| ≤ ε(h �
 (active) latents, so ``‖f‖ ≈ ‖z‖``. top-AFA turns that into the activation (§10.2, [C])::
 
     x_c = x − b_dec
-    a   = ReLU(x_c W_enc)                       (+ b_enc if ``afa.encoder_bias``)
+    a   = ReLU(x_c W_enc)                       (+ b_enc if ``options.encoder_bias``)
     s_i = (a_i ‖d_i‖)²,  sorted descending;  c_j = sqrt(Σ_{t ≤ j} s_(t)),  c_M := +∞
-    k*  = argmin_j |c_j − ‖x_c‖| + 1            (``afa.selection = nearest``, the code)
+    k*  = argmin_j |c_j − ‖x_c‖| + 1            (``options.selection = nearest``, the code)
         | first j with c_j ≥ ‖x_c‖              (``first_exceeding``)
     f   = a on its k* largest s;   x̂ = f W_dec + b_dec
 
@@ -22,10 +22,10 @@ at the number of positive activations (the extra entries would be zeros; this on
   per-dimension variance, ``Σ‖x − x̄‖² / (B·D)``) is the factor that turns elementwise MSE into
   that nmse, so dividing the AFA term by it keeps the reference's reconstruction : AFA ratio
   for any input scale.
-- ``t_b`` (``afa.afa_target``, detached): ``uncentered`` ``‖x_b‖`` (default, what the code
+- ``t_b`` (``options.afa_target``, detached): ``uncentered`` ``‖x_b‖`` (default, what the code
   compares to) or ``centered`` ``‖x_b − b_dec‖`` (what the selection uses). ``‖f_b‖`` uses the raw
   activations, as the code (decoder rows are unit-norm, N1).
-- AuxK (§0.6) with the library's TopK options (``topk.aux_k`` 0 = d_in/2, ``topk.aux_coefficient``
+- AuxK (§0.6) with the library's TopK options (``aux_k`` 0 = d_in/2, ``aux_coefficient``
   1/32); the reference uses k_aux = 512, dead after 5 batches, and elementwise MSE.
 
 Deviations from the reference code, on purpose:
@@ -37,7 +37,7 @@ Deviations from the reference code, on purpose:
   code's *uncentered* AFA target is a constant; here ``‖x‖`` varies per token and includes the
   dataset mean that ``b_dec`` absorbs, which makes ``centered`` the more natural choice on
   activations with a large mean. The default stays ``uncentered`` to match the code.
-- **b_enc** exists but is unused in the reference forward. ``afa.encoder_bias`` (default off,
+- **b_enc** exists but is unused in the reference forward. ``options.encoder_bias`` (default off,
   matching the code) adds it; when off the SAE has no ``b_enc`` tensor at all.
 - **b_dec init.** Not a deviation, but unlike the rest of the library: ``b_dec_init`` defaults to
   ``zeros`` here, as in the reference (``--b-dec-init`` still overrides it). With the uncentered
@@ -77,11 +77,14 @@ TopK family: π is computed without autograd, only the selected entries are re-a
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
 
+from saelab.config import opt
 from saelab.errors import ConfigError
+from saelab.saes._topk_base import AuxKMixin, AuxKOptions, topk_lr
 from saelab.saes.base import SAE, LossOutput
 from saelab.saes.registry import register
 from saelab.saes.sparse import (
@@ -91,9 +94,28 @@ from saelab.saes.sparse import (
     auxk_loss,
     normalized_mse,
 )
-from saelab.saes.topk import topk_lr
 
 # ---- the top-AFA selection ---------------------------------------------------------------------
+
+
+@dataclass
+class AFAOptions(AuxKOptions):
+    """top-AFA (METHODS §10); AuxK as the TopK families (§0.6)."""
+
+    afa_coefficient: float = opt(
+        1 / 32, "lambda_AFA of the norm-alignment loss (§10.3; the code sweeps 1/128..1/16). "
+        "The term is divided by the batch's per-dimension variance, so its weight relative to "
+        "the reconstruction nmse is the reference's for any input scale.")
+    afa_target: str = opt(
+        "uncentered", "Target of the AFA loss: uncentered ||x|| (the reference code) or "
+        "centered ||x - b_dec|| (what the selection uses).", choices=("uncentered", "centered"))
+    selection: str = opt(
+        "nearest", "k* rule: nearest cumulative norm to ||x_c|| (reference code) or the first "
+        "that reaches it.", flag="afa_selection", choices=("nearest", "first_exceeding"))
+    encoder_bias: bool = opt(
+        False, "Add a learned b_enc to the pre-activations. Off by default: the reference "
+        "forward pass never uses its b_enc, and with W_enc = W_dec^T the bias-free code of an "
+        "orthonormal dictionary matches ||x_c|| exactly (§10.1-10.2).", flag="afa_encoder_bias")
 
 
 def afa_k(acts_BF: Tensor, dec_norm_F: Tensor, target_B: Tensor, rule: str = "nearest"
@@ -132,10 +154,11 @@ def ragged_top(acts_BF: Tensor, k_B: Tensor, order_BF: Tensor) -> tuple[SparseCo
 
 
 @register
-class TopAFASAE(SAE):
+class TopAFASAE(AuxKMixin, SAE):
     """top-AFA SAE: per-token k* from the AFA norm match, no k (METHODS §10)."""
 
     architecture = "topafa"
+    Options = AFAOptions
     saelens_architecture = None
     defaults = {"apply_b_dec_to_input": True, "b_dec_init": "zeros"}
     train_defaults = {"lr": topk_lr, "adam_beta1": 0.9}
@@ -151,10 +174,10 @@ class TopAFASAE(SAE):
 
     def __init__(self, cfg, device=None, dtype=torch.float32):
         super().__init__(cfg, device=device, dtype=dtype)
-        lam = self.cfg.afa.afa_coefficient
+        lam = self.cfg.options.afa_coefficient
         if not (math.isfinite(lam) and lam >= 0):
             raise ConfigError(f"--afa-coefficient must be a finite number >= 0, got {lam}")
-        if self.cfg.afa.encoder_bias:
+        if self.cfg.options.encoder_bias:
             self.b_enc = nn.Parameter(torch.zeros(self.d_sae, device=device, dtype=dtype))
 
     @torch.no_grad()
@@ -162,16 +185,16 @@ class TopAFASAE(SAE):
         self.init_tied_(generator, row_norm=1.0)
         self.W_enc.mul_(math.sqrt(2 * self.d_in / self.d_sae))  # Kaiming column scale (§10.4)
         self.b_dec.zero_()
-        if self.cfg.afa.encoder_bias:
+        if self.cfg.options.encoder_bias:
             self.b_enc.zero_()
 
     def pre_acts(self, x_BD: Tensor) -> Tensor:
         pre = self._input_for_encoder(x_BD, self.W_enc)
-        return pre + self.b_enc if self.cfg.afa.encoder_bias else pre
+        return pre + self.b_enc if self.cfg.options.encoder_bias else pre
 
     def sparse_pre_acts(self, x_BD: Tensor) -> SparsePreActs:
         """π without autograd plus a sparse backward for the entries later selected."""
-        return SparsePreActs(x_BD, self.W_enc, self.b_enc if self.cfg.afa.encoder_bias else None,
+        return SparsePreActs(x_BD, self.W_enc, self.b_enc if self.cfg.options.encoder_bias else None,
                              self.b_dec if self.cfg.apply_b_dec_to_input else None)
 
     def select(self, x_BD: Tensor, pre_BF: Tensor) -> tuple[SparseCode, Tensor]:
@@ -180,7 +203,7 @@ class TopAFASAE(SAE):
         acts_BF = torch.relu(pre_BF)
         target_B = (x_BD - self.b_dec).detach().norm(dim=1)
         k_B, order = afa_k(acts_BF, self.decoder_norms().detach(), target_B,
-                           self.cfg.afa.selection)
+                           self.cfg.options.selection)
         return ragged_top(acts_BF, k_B, order)
 
     def encode(self, x_BD: Tensor) -> Tensor:
@@ -199,21 +222,21 @@ class TopAFASAE(SAE):
         # ‖f_b‖ from the ragged code; the clamp keeps sqrt's gradient finite for empty rows
         f_norm_B = torch.zeros(B, device=x_BD.device, dtype=code.vals.dtype).index_add_(
             0, rows, code.vals.square()).clamp_min(1e-20).sqrt()
-        a = self.cfg.afa
+        a = self.cfg.options
         target_B = (x_BD if a.afa_target == "uncentered" else x_BD - self.b_dec).detach().norm(dim=1)
         var_per_dim = (x_BD - x_BD.mean(0)).pow(2).sum() / x_BD.numel()
         afa = (f_norm_B - target_B).square().mean() / var_per_dim.clamp_min(1e-12)
         aux = x_BD.new_zeros(())
-        if self.cfg.topk.aux_coefficient:
+        if self.cfg.options.aux_coefficient:
             aux = auxk_loss(pre, x_BD - recon_BD, self.W_dec, dead_mask_F, self.k_aux,
-                            scale_by_dead=self.cfg.topk.aux_scale_by_dead)
-        total = nmse + a.afa_coefficient * afa + self.cfg.topk.aux_coefficient * aux
+                            scale_by_dead=self.cfg.options.aux_scale_by_dead)
+        total = nmse + a.afa_coefficient * afa + self.cfg.options.aux_coefficient * aux
         terms = {"nmse": nmse, "afa": afa, "auxk": aux}
         return LossOutput(total, terms, None, recon_BD, fired_F=code.fired(self.d_sae),
                           l0=code.l0(B))
 
     def bias_names(self) -> tuple[str, ...]:
-        return ("b_dec", "b_enc") if self.cfg.afa.encoder_bias else ("b_dec",)
+        return ("b_dec", "b_enc") if self.cfg.options.encoder_bias else ("b_dec",)
 
 
 # ---- AFA analysis (§10.1) -------------------------------------------------------------------------

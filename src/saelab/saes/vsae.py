@@ -49,14 +49,17 @@ Choices where the spec leaves room:
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
 
+from saelab.config import opt
+from saelab.errors import ConfigError
+from saelab.saes._topk_base import TopKBaseSAE, TopKOptions, topk_lr
 from saelab.saes.base import LossOutput
 from saelab.saes.registry import register
 from saelab.saes.sparse import topk_per_token
-from saelab.saes.topk import TopKSAE, topk_lr
 
 LOG_VAR_MIN, LOG_VAR_MAX = -6.0, 2.0  # §11.2 clamp of log σ²
 MU_CLAMP = 10.0  # §11.3: μ clamped to [−10, 10] inside the learned-variance KL
@@ -64,15 +67,43 @@ LOG_VAR_INIT = -2.0  # §11.2: b_var init
 _GOLDEN = 0x9E3779B97F4A7C15  # odd 64-bit constant: spreads consecutive steps over seed space
 
 
+@dataclass
+class VSAEOptions(TopKOptions):
+    """Variational SAE (METHODS §11)."""
+
+    variance: str = opt("learned", "Posterior variance: learned (log sigma^2 head) or fixed.",
+                        choices=("learned", "fixed"))
+    fixed_var_sampling: str = opt(
+        "off", "Fixed variance only: off (the code's var_flag=0: z = mu, KL = ||z||^2/2) or "
+        "unit_variance (the write-up: z = mu + eps).", choices=("off", "unit_variance"))
+    kl_coefficient: float = opt(
+        0.01, "Full KL coefficient beta_KL, against the per-token SSE of inputs normalised to "
+        "E||x|| = sqrt(d) (code default 500; logged runs 1e-4, 1e-2, 1, 100). 0.01 is one of the "
+        "logged values; at 1.0 the deterministic L0 collapsed to ~8 of k = 32 within 100 steps "
+        "on SmolLM2 layer 6.", flag="vsae_kl_coefficient")
+    kl_warmup_fraction: float = opt(0.1, "Linear KL warm-up from 0 over this fraction of steps.",
+                                    flag="vsae_kl_warmup_fraction")
+
+    def validate(self) -> None:
+        super().validate()
+        if not (math.isfinite(self.kl_coefficient) and self.kl_coefficient >= 0):
+            raise ConfigError(f"--vsae-kl-coefficient must be a finite number >= 0, got "
+                              f"{self.kl_coefficient}")
+        if not 0 <= self.kl_warmup_fraction <= 1:
+            raise ConfigError(f"--vsae-kl-warmup-fraction must be in [0, 1], got "
+                              f"{self.kl_warmup_fraction}")
+
+
 @register
-class VariationalSAE(TopKSAE):
+class VariationalSAE(TopKBaseSAE):
     """TopK vSAE (METHODS §11): Gaussian posterior over latents, KL to N(0, I), TopK by |z|."""
 
     architecture = "vsae"
+    Options = VSAEOptions
     saelens_architecture = None
     defaults = {"apply_b_dec_to_input": False}  # §11.2 April mode
     train_defaults = {"lr": topk_lr, "adam_beta1": 0.9}
-    sweep_param = "topk.k"
+    sweep_param = "options.k"
     sweep_levels = (16, 32, 64)
     #: selection by |z| with signs (sampled z can be negative)
     signed = True
@@ -90,12 +121,12 @@ class VariationalSAE(TopKSAE):
 
     @property
     def learned_variance(self) -> bool:
-        return self.cfg.vsae.variance == "learned"
+        return self.cfg.options.variance == "learned"
 
     @property
     def samples(self) -> bool:
         """True if training adds noise to μ."""
-        return self.learned_variance or self.cfg.vsae.fixed_var_sampling == "unit_variance"
+        return self.learned_variance or self.cfg.options.fixed_var_sampling == "unit_variance"
 
     @torch.no_grad()
     def reset_parameters(self, generator: torch.Generator | None = None) -> None:
@@ -141,7 +172,7 @@ class VariationalSAE(TopKSAE):
 
     def kl_scale(self, step: int) -> float:
         """β_KL(t) / kl_coefficient: linear from 0 over the warm-up, then 1."""
-        warm = int(round(self.cfg.vsae.kl_warmup_fraction * self.total_steps))
+        warm = int(round(self.cfg.options.kl_warmup_fraction * self.total_steps))
         return 1.0 if warm <= 0 else min(1.0, step / warm)
 
     # ---- training --------------------------------------------------------------------------------
@@ -155,8 +186,8 @@ class VariationalSAE(TopKSAE):
         sse = (recon_BD - x_BD).pow(2).sum(-1).mean()
         kl = self.kl(mu_BF, log_var_BF)
         aux = self.aux_loss(mu_BF, x_BD - recon_BD, dead_mask_F)
-        beta = self.cfg.vsae.kl_coefficient * self.kl_scale(step)
-        total = sse + beta * kl + self.cfg.topk.aux_coefficient * aux
+        beta = self.cfg.options.kl_coefficient * self.kl_scale(step)
+        total = sse + beta * kl + self.cfg.options.aux_coefficient * aux
         terms = {"sse": sse, "kl": kl, "auxk": aux}
         return LossOutput(total, terms, None, recon_BD, fired_F=code.fired(self.d_sae),
                           l0=code.l0(x_BD.shape[0]))

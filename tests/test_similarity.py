@@ -1,0 +1,100 @@
+"""Similarity measures (METHODS §9.4), char-span alignment and window char spans."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from saelab.analysis._similarity_measures import (
+    align_token_ends,
+    best_matches,
+    jaccard,
+    linear_cka,
+    relative_similarity,
+    svcca,
+)
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def _rep(n=200, d=24, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(n, d, generator=g, dtype=torch.float64) @ torch.randn(
+        d, d, generator=g, dtype=torch.float64)
+
+
+def _rotation(d, seed=1):
+    q, _ = torch.linalg.qr(torch.randn(d, d, dtype=torch.float64,
+                                       generator=torch.Generator().manual_seed(seed)))
+    return q
+
+
+def test_jaccard_on_hand_built_sets():
+    a = {(0, 5), (0, 9), (1, 3)}
+    b = {(0, 9), (1, 3), (2, 2), (4, 4)}
+    assert jaccard(a, b) == 2 / 5
+    assert jaccard(a, a) == 1.0 and jaccard(a, {(9, 9)}) == 0.0 and jaccard([], []) == 1.0
+
+
+def test_cka_invariances_and_independence():
+    X = _rep()
+    assert linear_cka(X, X @ _rotation(24)) == pytest.approx(1.0, abs=1e-10)
+    assert linear_cka(X, 3.0 * X + 7.0) == pytest.approx(1.0, abs=1e-10)
+    # an independent representation of the same size scores far lower
+    assert linear_cka(X, _rep(seed=5)) < 0.3
+    # a naive float64 reference of the HSIC form: tr(K H L H) / sqrt(tr(KHKH) tr(LHLH))
+    Y = _rep(seed=6)[:, :10]
+    n = X.shape[0]
+    H = torch.eye(n, dtype=torch.float64) - 1.0 / n
+    K, L = X @ X.T, Y @ Y.T
+    ref = torch.trace(K @ H @ L @ H) / torch.sqrt(torch.trace(K @ H @ K @ H)
+                                                  * torch.trace(L @ H @ L @ H))
+    assert linear_cka(X, Y) == pytest.approx(float(ref), rel=1e-9)
+
+
+def test_svcca_and_relative_under_rotation():
+    X = _rep()
+    assert svcca(X, X @ _rotation(24), 20) == pytest.approx(1.0, abs=1e-8)
+    assert relative_similarity(X, X @ _rotation(24), 50) == pytest.approx(1.0, abs=1e-10)
+    assert svcca(X, _rep(seed=9), 5) < 0.6
+    assert relative_similarity(X, _rep(seed=9), 50) < relative_similarity(
+        X, X + 0.1 * _rep(seed=9), 50)
+
+
+def test_char_span_alignment_on_two_toy_tokenisers():
+    text = "the cat sat"
+    # tokeniser A: words ("the", " cat", " sat"); tokeniser B: "th","e"," c","at"," sa","t"
+    ends_a = torch.tensor([3, 7, 11])
+    ends_b = torch.tensor([2, 3, 5, 7, 10, 11])
+    ia, ib = align_token_ends(ends_a, ends_b)
+    assert ia.tolist() == [0, 1, 2] and ib.tolist() == [1, 3, 5]
+    assert [text[: int(ends_a[i])] for i in ia] == [text[: int(ends_b[j])] for j in ib]
+    # a shared end inside a word: B ends at 2 where A does not, and vice versa
+    ia, ib = align_token_ends(torch.tensor([2, 5]), torch.tensor([1, 2, 4]))
+    assert ia.tolist() == [0] and ib.tolist() == [1]
+
+
+def test_best_matches_and_depth_error():
+    S = torch.tensor([[0.9, 0.1, 0.0], [0.2, 0.3, 0.8]])
+    best, err = best_matches(S)
+    assert best == [0, 2] and err == [0.0, 0.0]
+    best, err = best_matches(S.flip(1))
+    assert best == [2, 0] and math.isclose(err[0], 1.0) and math.isclose(err[1], 1.0)
+
+
+def test_window_char_spans_match_windows(tiny_tokenizer):
+    from saelab.data.windows import iter_window_char_spans, iter_windows
+
+    docs = ["the cat sat on the mat", "a dog ran far away", "birds fly high", "x y z"] * 3
+    wins = list(iter_windows(docs, tiny_tokenizer, 8, True, chunk_docs=5))
+    spans = list(iter_window_char_spans(docs, tiny_tokenizer, 8, True, chunk_docs=2))
+    assert len(wins) == len(spans) > 0
+    for w, (tok, doc, start, end) in zip(wins, spans, strict=True):
+        assert torch.equal(w, tok)
+        assert doc[0] == -1  # BOS head
+        for t in range(1, len(w)):
+            if doc[t] >= 0:  # a document token: its span decodes to its text
+                piece = docs[int(doc[t])][int(start[t]):int(end[t])]
+                assert tiny_tokenizer.decode([int(w[t])]).strip() == piece.strip()
