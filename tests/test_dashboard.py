@@ -197,10 +197,10 @@ def test_dashboard_and_steer_on_embedded_model(tmp_path, capsys):
     run = tmp_path / "run"
     shutil.copytree(Path(__file__).parent / "fixtures" / "format_v1" / "run_topk", run)
     store = tmp_path / "store"
-    assert main(["harvest", "--out", str(store), "--split", "eval", "--tokens", "2048",
+    assert main(["harvest", "--out", str(store), "--split", "eval", "--tokens", "1024",
                  "--hook", "blocks.2.hook_resid_post", "--quiet"]) == 0
     out = run / "dashboard"  # the default --out, where steer finds the max activations
-    assert main(["dashboard", str(run), "--store", str(store), "--tokens", "2048",
+    assert main(["dashboard", str(run), "--store", str(store), "--tokens", "1024",
                  "--latents", "top:5", "--quiet"]) == 0
     html = (out / "dashboard.html").read_text()
     assert "<script src" not in html and "model.norm.weight" in html

@@ -198,16 +198,16 @@ def test_format1_run_reproduces_its_metrics_as_the_filtered_variant(tmp_path):
 
     run = tmp_path / "run"
     shutil.copytree(FIXTURE_RUN, run)
+    # The fixture's LM ran at model_dtype 'auto', which resolved to float32 then; 'auto' now
+    # measures bf16 against fp32 on the machine and may pick bf16, so pin what it was.
+    rc = json.loads((run / "run_config.json").read_text())
+    rc["model"]["model_dtype"] = "float32"
+    (run / "run_config.json").write_text(json.dumps(rc))
     saved = json.loads((FIXTURE_RUN / "metrics.json").read_text())
     assert main(["eval", str(run), "--eval-tokens", "2048", "--ce-windows", "2", "--quiet"]) == 0
     m = json.loads((run / "metrics.json").read_text())
-    for key in ("n_tokens", "fvu", "mse", "l0", "cosine_similarity",
-                "relative_reconstruction_bias"):
-        assert m[key + "_filtered"] == pytest.approx(saved[key], rel=2e-3), key
-    assert m["ce_n_tokens_filtered"] == saved["ce_n_tokens"]
-    # The LM runs at model_dtype 'auto' (bfloat16 on CPUs with AMX, float32 without), so the
-    # spliced CE depends on the machine the fixture was made on: a looser check.
-    for key in ("ce_loss_clean", "ce_loss_with_sae", "ce_loss_zero_ablation",
-                "ce_loss_recovered", "kl_score"):
-        assert m[key + "_filtered"] == pytest.approx(saved[key], rel=5e-2), key
+    keys = [k for k, v in saved.items() if isinstance(v, float) and k + "_filtered" in m]
+    assert len(keys) >= 25, keys
+    for key in keys:
+        assert m[key + "_filtered"] == pytest.approx(saved[key], rel=1e-4, abs=1e-6), key
     assert m["eval_positions_dropped_as_outliers"] == saved["eval_positions_dropped_as_outliers"]

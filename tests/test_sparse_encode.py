@@ -313,3 +313,52 @@ def test_batch_level_loss_matches_naive_spec(arch, pre_bias):
     naive = torch.autograd.grad(ref, params)
     for name, a, b in zip(("W_enc", "b_enc", "b_dec", "W_dec"), ours, naive, strict=True):
         torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-12, msg=name)
+
+
+@pytest.mark.parametrize("biases", [(True, True), (False, True), (True, False), (False, False)])
+def test_column_pre_acts_backward_matches_dense_autograd(biases):
+    """The dense-over-columns backward of AuxK's dense regime: exact gradients for x, W_enc,
+    b_enc, b_dec at the chosen columns (and zero elsewhere), with or without either bias."""
+    x, W, b_enc, b_dec, _ = _params(7, x_grad=True)
+    has_enc, has_dec = biases
+    be, bd = (b_enc if has_enc else None), (b_dec if has_dec else None)
+    cols = torch.tensor([3, 50, 7, 95, 0, 41])
+    g = torch.Generator().manual_seed(8)
+    w_BN = torch.randn(B, len(cols), generator=g, dtype=f64)
+    wrt = [x, W] + ([b_enc] if has_enc else []) + ([b_dec] if has_dec else [])
+    p = SparsePreActs(x, W, be, bd).columns(cols)
+    cand = _grads((torch.relu(p) ** 2 * w_BN).sum(), wrt)
+    pi = ((x - b_dec) if has_dec else x) @ W + (b_enc if has_enc else 0)
+    ref = _grads((torch.relu(pi[:, cols]) ** 2 * w_BN).sum(), wrt)
+    for a, b in zip(cand, ref, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10)
+    other = torch.ones(F, dtype=torch.bool)
+    other[cols] = False
+    assert (cand[1][:, other] == 0).all()
+
+
+def test_auxk_matches_naive_loop():
+    """AuxK in both regimes against a per-row loop over the dead latents (float64)."""
+    import saelab.saes.sparse as sp
+
+    x, W, b_enc, b_dec, W_dec = _params(9)
+    dead = torch.zeros(F, dtype=torch.bool)
+    dead[5::2] = True
+    resid = torch.randn(B, D, dtype=f64)
+    k_aux = 6
+    pi = ((x - b_dec) @ W + b_enc).detach()
+    e_hat = torch.zeros(B, D, dtype=f64)
+    for b in range(B):
+        dead_ids = [i for i in range(F) if dead[i]]
+        best = sorted(dead_ids, key=lambda i: -float(pi[b, i]))[:k_aux]
+        for i in best:
+            e_hat[b] += max(float(pi[b, i]), 0.0) * W_dec[i].detach()
+    want = ((e_hat - resid) ** 2).sum() / ((resid - resid.mean(0)) ** 2).sum()
+    for density in (0.0, 2.0):
+        sp_density = sp._AUX_DENSE_DENSITY
+        sp._AUX_DENSE_DENSITY = density
+        try:
+            got = auxk_loss(SparsePreActs(x, W, b_enc, b_dec), resid, W_dec, dead, k_aux)
+        finally:
+            sp._AUX_DENSE_DENSITY = sp_density
+        torch.testing.assert_close(got.detach(), want, rtol=1e-10, atol=1e-12)

@@ -170,6 +170,10 @@ def test_rank_slices_partition_the_global_batch(store, world, B, buffer_rows, dr
     ranks = [ActivationStream(store, B, buffer_rows, rank=r, world_size=world, **kw)
              for r in range(world)]
     per_rank = [take(s, n) for s in ranks]
+    block_rows = max(1, buffer_rows // round(store.num_rows / len(store.shards))) * max(
+        s.rows for s in store.shards)
+    for s in ranks:  # a rank holds about 1/W of a block (its rows), not the block
+        assert s.peak_buffer_rows <= (block_rows + B) / world
     for i in range(n):
         parts = [p[i] for p in per_rank]
         assert all(p.shape == (B // world, D) for p in parts)

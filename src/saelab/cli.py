@@ -6,10 +6,12 @@ Every user mistake surfaces as one line ``error: ...`` and a non-zero exit code.
 from __future__ import annotations
 
 import argparse
+import errno
 import json
 import sys
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
+from typing import NoReturn
 
 import saelab
 from saelab.analysis.registry import analyses
@@ -19,10 +21,22 @@ from saelab.errors import SaelabError
 from saelab.saes.registry import architectures, family_file, validate_sae_config
 
 EXIT_USER_ERROR = 2
+# errors of the file system the user controls (not bugs): printed as one line, exit 2
+_ENV_ERRNOS = {errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOSPC, errno.EDQUOT,
+               errno.ENOTDIR, errno.EISDIR, errno.ENAMETOOLONG}
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse with a one-line error: ``error: saelab train: ... (see saelab train --help)``
+    instead of the usage block (subparsers inherit the class)."""
+
+    def error(self, message: str) -> NoReturn:
+        print(f"error: {self.prog}: {message} (see {self.prog} --help)", file=sys.stderr)
+        sys.exit(EXIT_USER_ERROR)
 
 
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    p = _Parser(
         prog="saelab",
         description="Sparse dictionary learning on language-model activations.",
     )
@@ -201,12 +215,24 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return _dispatch(args)
     except SaelabError as e:
-        print(f"error: {e}", file=sys.stderr)
+        print(f"error: {_one_line(str(e))}", file=sys.stderr)
+        return EXIT_USER_ERROR
+    except OSError as e:
+        if e.errno not in _ENV_ERRNOS:
+            raise
+        where = f"{e.filename}: " if e.filename else ""
+        print(f"error: {where}{e.strerror}: choose a writable folder with space left",
+              file=sys.stderr)
         return EXIT_USER_ERROR
     except KeyboardInterrupt:
         how = "the same command" if args.verb == "sweep" else "the same command with --resume"
         print(f"interrupted: rerun {how} to continue", file=sys.stderr)
         return 130
+
+
+def _one_line(message: str) -> str:
+    """A message as one line (an error quoting a multi-line library message stays one line)."""
+    return " ".join(message.split()) if "\n" in message else message
 
 
 def _dispatch(args: argparse.Namespace) -> int:

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import types
+import typing
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -130,6 +132,7 @@ class HarvestConfig:
         "full LM forward + backward per batch.")
 
     def validate(self) -> None:
+        check_types(self)
         self.model.validate()
         self.data.validate()
         if not self.store:
@@ -235,6 +238,9 @@ class TrainConfig:
         "drives AuxK). Default: min(10M, a fifth of --tokens); the spec's 10M-token default "
         "would never mark a latent dead in a run shorter than 10M tokens."
     )
+    dead_eps: float = opt(
+        0.0, "A latent fires (for dead-latent tracking, §0.5) when |activation| > this; 0 = "
+        "any nonzero activation (the spec); the OpenAI TopK code uses 1e-3.")
     checkpoint_every: int = opt(200, "Write a checkpoint every N steps (atomically); 0 = only at the end.")
     log_every: int = opt(10, "Log metrics every N steps to metrics.jsonl.")
     seed: int = opt(0, "Random seed for init and data order.")
@@ -273,11 +279,24 @@ class TrainConfig:
             v = getattr(self, name)
             if not 0 <= v <= 1:
                 raise ConfigError(f"--{name.replace('_', '-')} must be in [0, 1], got {v}")
-        for name in ("lr_warmup_steps", "checkpoint_every", "grad_clip", "dead_window_tokens"):
+        for name in ("lr_warmup_steps", "checkpoint_every", "dead_window_tokens"):
             if (getattr(self, name) or 0) < 0:
                 raise ConfigError(f"--{name.replace('_', '-')} must be >= 0, got {getattr(self, name)}")
+        if not (math.isfinite(self.grad_clip) and self.grad_clip >= 0):
+            raise ConfigError(f"--grad-clip must be a finite number >= 0 (0 disables), got "
+                              f"{self.grad_clip}")
+        if not (math.isfinite(self.adam_eps) and self.adam_eps > 0):
+            raise ConfigError(f"--adam-eps must be a finite number > 0, got {self.adam_eps}")
+        if not 0 <= self.seed < 2**63:
+            raise ConfigError(f"--seed must be in [0, 2**63), got {self.seed}")
         if self.log_every < 1:
             raise ConfigError(f"--log-every must be at least 1, got {self.log_every}")
+        if not (self.dead_eps >= 0 and math.isfinite(self.dead_eps)):
+            raise ConfigError(f"--dead-eps must be a finite number >= 0, got {self.dead_eps}")
+        if self.tokens < self.batch_size:
+            raise ConfigError(
+                f"--tokens {self.tokens:,} is less than one batch (--batch-size "
+                f"{self.batch_size:,}): raise --tokens or lower --batch-size")
 
     @property
     def total_steps(self) -> int:
@@ -336,6 +355,7 @@ class PipelineConfig:
     skip_ce: bool = opt(False, "Skip the CE / KL metrics that splice the SAE into the LM.")
 
     def validate(self) -> None:
+        check_types(self)
         for part in (self.model, self.data, self.sae, self.train, self.eval):
             part.validate()
         if not self.out:
@@ -374,6 +394,44 @@ def from_dict(cls: type, data: dict) -> Any:
         sub = _dataclass_type(f)
         kwargs[f.name] = from_dict(sub, value) if sub is not None and isinstance(value, dict) else value
     return cls(**kwargs)
+
+
+def check_types(cfg: Any, prefix: str = "") -> None:
+    """Every field of config dataclass ``cfg`` (recursively) holds a value of its declared type
+    (an int where a float is declared is fine); raises :class:`ConfigError` naming the field.
+    Configs read back from JSON (``run_config.json``) can hold anything."""
+    hints = typing.get_type_hints(type(cfg))
+    for f in dataclasses.fields(cfg):
+        value, hint, name = getattr(cfg, f.name), hints[f.name], f"{prefix}{f.name}"
+        if dataclasses.is_dataclass(hint):
+            if not isinstance(value, hint):
+                raise ConfigError(f"{name} must be a {hint.__name__} (an object of options), got "
+                                  f"{type(value).__name__} {value!r:.60}")
+            check_types(value, f"{name}.")
+        elif not _has_type(value, hint):
+            raise ConfigError(f"{name} must be of type {_type_name(hint)}, got "
+                              f"{type(value).__name__} {value!r:.60}")
+
+
+def _has_type(value: Any, hint: Any) -> bool:
+    if hint is Any:
+        return True
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin in (typing.Union, types.UnionType):
+        return any(_has_type(value, a) for a in args)
+    if hint is type(None):
+        return value is None
+    if origin is list:
+        return isinstance(value, list) and all(_has_type(v, args[0]) for v in value)
+    if hint is float:
+        return isinstance(value, int | float) and not isinstance(value, bool)
+    if hint is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    return isinstance(value, hint) if isinstance(hint, type) else True
+
+
+def _type_name(hint: Any) -> str:
+    return getattr(hint, "__name__", None) or str(hint).replace("typing.", "")
 
 
 def _dataclass_type(f: dataclasses.Field) -> type | None:

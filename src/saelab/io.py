@@ -162,13 +162,38 @@ def read_metadata(path: str | Path) -> dict[str, Any]:
         raise SAEFormatError(f"{cfg_path} is not valid JSON: {e}") from None
     if not isinstance(cfg, dict):
         raise SAEFormatError(f"{cfg_path} must hold a JSON object, got {type(cfg).__name__}")
-    meta = dict(cfg.get("metadata") or {})
+    meta = cfg.get("metadata") or {}
+    if not isinstance(meta, dict):
+        raise SAEFormatError(f"{cfg_path}: metadata must be a JSON object, got "
+                             f"{type(meta).__name__}")
+    meta = dict(meta)
     for key, value in cfg.items():
         key = _LEGACY_RENAMES.get(key, key)
         if key in _LEGACY_METADATA_KEYS:
             meta.setdefault(key, value)
+    _check_metadata(meta, cfg_path)
     cfg["metadata"] = meta
     return cfg
+
+
+# metadata keys saelab reads back, and the JSON types each may have (None: absent)
+_METADATA_TYPES: dict[str, tuple[type, ...]] = {
+    "model_name": (str,), "hook_name": (str,), "dataset_path": (str,),
+    "context_size": (int,), "exclude_first_positions": (int,), "prepend_bos": (bool,),
+    "hook_head_index": (int,),
+}
+
+
+def _check_metadata(meta: dict[str, Any], cfg_path: Path) -> None:
+    for key, kinds in _METADATA_TYPES.items():
+        value = meta.get(key)
+        if value is None:
+            continue
+        ok = isinstance(value, kinds) and not (bool not in kinds and isinstance(value, bool))
+        if not ok or (key == "context_size" and value < 2):
+            want = " or ".join(k.__name__ for k in kinds)
+            raise SAEFormatError(f"{cfg_path}: metadata.{key} must be a {want}"
+                                 f"{' >= 2' if key == 'context_size' else ''}, got {value!r}")
 
 
 def read_sparsity(path: str | Path) -> Tensor | None:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import copy
 import hashlib
 import json
+import shutil
 import time
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass
@@ -105,20 +106,63 @@ def train_run(cfg: RunConfig, progress: bool = True, log=print, *, lm=None, stor
     out = Path(cfg.out)
     if init_from_env(cfg.model.device) and not dist.is_main():
         return _train_other_rank(cfg, out, store)
-    with RunFolder(out).lock("train"):
+    run = RunFolder(out)
+    with run.lock("train"):
+        # everything is checked (folder, config, model, hook, store, memory) before anything
+        # is written; --overwrite builds the new run beside the old one and swaps it in only
+        # once it is finished, so a failure at any point leaves the old run as it was
         cfg = prepare_ranks(cfg, prepare_run) if dist.is_distributed() else prepare_run(cfg)
         tune_malloc()
 
         lm = lm or load_model(cfg.model)
         hook = parse_hook(cfg.model.hook, lm.n_layers)
+        check_memory(cfg, lm.d_model)
         if store is None:
             store = resolve_store(cfg, lm, hook.name, progress)
-        final, result = fit_sae(cfg, store, out, progress=progress, log=log)
+        check_memory(cfg, store.d_in)
+        work = out
+        if cfg.overwrite and run.is_run():
+            work = run.staging_path
+            shutil.rmtree(work, ignore_errors=True)  # an earlier, interrupted --overwrite
+        final, result = fit_sae(cfg, store, work, progress=progress, log=log)
         extra = metrics_of(RunFacts(train_tokens_per_second=result.tokens_per_second,
                                     train_seconds=result.seconds))
-        metrics = evaluate_and_save(final, lm, hook, cfg, out, progress=progress,
+        metrics = evaluate_and_save(final, lm, hook, cfg, work, progress=progress,
                                     baseline=eval_baseline, extra=extra)
+        if work != out:
+            run.commit_from(work)
     return RunSummary(out, metrics, result.seconds, result.tokens_per_second, Path(store.path))
+
+
+def check_memory(cfg: RunConfig, d_in: int) -> None:
+    """Refuse an SAE whose parameters, gradients and Adam moments would not fit the device's
+    memory (estimated before anything is allocated: a huge ``--d-sae`` would otherwise be
+    killed by the OS or fill swap)."""
+    from saelab.errors import ConfigError
+    from saelab.runtime import parse_dtype, resolve_device
+
+    device = resolve_device(cfg.model.device)
+    itemsize = torch.empty((), dtype=parse_dtype(cfg.train.dtype)).element_size()
+    # encoder + decoder, each with its gradient and two Adam moments; plus the latents of a batch
+    need = (8 * cfg.sae.d_sae * d_in + 2 * cfg.train.batch_size * cfg.sae.d_sae) * itemsize
+    have = device_memory(device)
+    if have and need > have:
+        raise ConfigError(
+            f"--d-sae {cfg.sae.d_sae:,} at d_in {d_in} needs about {need / 2**30:,.1f} GiB for "
+            f"the SAE and its optimiser state, more than the {have / 2**30:,.1f} GiB memory of "
+            f"{device}: lower --d-sae (or --batch-size)")
+
+
+def device_memory(device: torch.device) -> int:
+    """Total memory of ``device`` in bytes (0 if unknown)."""
+    import os
+
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).total_memory
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):
+        return 0
 
 
 def _train_other_rank(cfg: RunConfig, out: Path, store=None) -> RunSummary:
@@ -146,6 +190,8 @@ def prepare_run(cfg: RunConfig) -> RunConfig:
         saved.resume, saved.overwrite = True, False
         saved.out = cfg.out
         cfg = saved
+    elif cfg.overwrite and run.is_unstarted():
+        cfg.overwrite = False  # nothing to keep: train in place
     cfg.validate()
     _validate_family(cfg)
     if not get_family(cfg.sae.architecture).trainable:
@@ -189,20 +235,35 @@ def fit_sae(cfg: RunConfig, store, out: Path, progress: bool = True, log=print):
     from saelab import dist
 
     run = RunFolder(out)
-    if not cfg.resume and dist.is_main():
+    resume = cfg.resume
+    if resume and not run.has_checkpoint():
+        # stopped before its first checkpoint: nothing to restore, start again from step 0
+        log("note: the run has no checkpoint yet; starting it again from step 0")
+        resume = False
+    if not resume and dist.is_main():
         run.save_config(cfg)
+        if run.log_path.exists():  # the log of an attempt that never got to a checkpoint
+            run.log_path.unlink()
     if hasattr(sae, "fit_from_batches"):
         result = _fit_without_gradients(sae, cfg, store, scale, device, progress, log)
         return export_sae(sae, scale), result
     trainer = Trainer(sae, cfg.train, run_dir=out, input_scale=scale, progress=progress)
-    start = trainer.resume() if cfg.resume else 0
-    if cfg.resume:
+    if resume and dist.is_main():
+        run.repair_log()  # a kill mid-write may have truncated the log's last line
+    start = trainer.resume() if resume else 0
+    if start > trainer.total_steps:
+        from saelab.errors import CheckpointError
+
+        raise CheckpointError(f"the checkpoint in {out} is at step {start}, beyond the run's "
+                              f"{trainer.total_steps} steps: it belongs to another run; pass "
+                              "--overwrite to train this one again")
+    if resume:
         log(f"resuming at step {start}/{trainer.total_steps}")
     stream = ActivationStream(store, cfg.train.batch_size, cfg.train.shuffle_buffer_rows,
                               seed=cfg.train.seed, device=device, start_batch=start,
                               drop_positions_below=drop, with_grads=sae.uses_lm_grads,
                               rank=dist.rank(), world_size=dist.world_size())
-    if not cfg.resume:
+    if not resume:
         # Sampling reads its own shards; it does not advance the batch stream.
         sae.init_from_data(stream.sample(min(32_768, store.num_rows), seed=cfg.train.seed) * scale)
     result = trainer.fit(iter(stream))
@@ -343,6 +404,14 @@ def evaluate_run(path: Path, eval_cfg, skip_ce: bool = False, progress: bool = T
         # A bare SAE folder (ours or SAELens's): take the model/hook from its metadata.
         meta = read_metadata(path).get("metadata", {})
         name = meta.get("model_name") or ""
+        if not name or not meta.get("hook_name"):
+            from saelab.errors import SAEFormatError
+
+            missing = "model_name" if not name else "hook_name"
+            raise SAEFormatError(
+                f"{path}/cfg.json has no metadata.{missing}: saelab cannot tell which model and "
+                f"hook it was trained on; evaluate its run folder instead, or add "
+                f"metadata.model_name and metadata.hook_name to its cfg.json")
         model = "embedded" if name == "SmolLM2-135M-Instruct" else name
         data = DataConfig(context_size=int(meta.get("context_size") or 128),
                           prepend_bos=bool(meta.get("prepend_bos", True)))

@@ -17,14 +17,16 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 import shutil
+import tempfile
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 from saelab.errors import RunFolderError
-from saelab.fsutil import atomic_write_json, json_safe
+from saelab.fsutil import atomic_write_bytes, atomic_write_json, fsync_dir, json_safe
 
 RUN_CONFIG = "run_config.json"
 SAE_DIR = "sae"
@@ -32,6 +34,10 @@ METRICS = "metrics.json"
 LOG = "metrics.jsonl"
 DENSITY_PLOT = "feature_density.png"
 SAEBENCH_CORE = "saebench_core.json"
+# what saelab writes in a run folder: all that `--overwrite` may replace (the user's own files
+# beside them stay)
+RUN_ARTEFACTS = frozenset({RUN_CONFIG, SAE_DIR, METRICS, LOG, DENSITY_PLOT, SAEBENCH_CORE,
+                           "checkpoint", "checkpoint.old", "report.html", "dashboard"})
 
 
 @dataclass(frozen=True)
@@ -110,16 +116,29 @@ class RunFolder:
     # ---- config ----------------------------------------------------------------------------
     def read_config_dict(self) -> dict[str, Any]:
         try:
-            return json.loads(self.config_path.read_text())
+            data = json.loads(self.config_path.read_text())
         except (OSError, ValueError) as e:
             raise RunFolderError(f"{self.config_path} cannot be read ({e}): the run folder is "
                                  "damaged; train it again with --overwrite") from None
+        if not isinstance(data, dict):
+            raise RunFolderError(f"{self.config_path} must hold a JSON object, got "
+                                 f"{type(data).__name__}: the run folder is damaged; train it "
+                                 "again with --overwrite")
+        return data
 
     def load_config(self):
-        """The run's RunConfig (old and new saved formats)."""
-        from saelab.config import RunConfig
+        """The run's RunConfig (old and new saved formats), its field types checked."""
+        from saelab.config import RunConfig, check_types
+        from saelab.errors import SaelabError
 
-        return _config_from_dict(RunConfig, self.read_config_dict())
+        data = self.read_config_dict()
+        try:
+            cfg = _config_from_dict(RunConfig, data)
+            check_types(cfg)
+        except (SaelabError, TypeError, ValueError, AttributeError, KeyError) as e:
+            raise RunFolderError(f"{self.config_path} is damaged ({_first_line(e)}): fix it "
+                                 "or train the run again with --overwrite") from None
+        return cfg
 
     def save_config(self, cfg: Any) -> None:
         self.path.mkdir(parents=True, exist_ok=True)
@@ -127,10 +146,12 @@ class RunFolder:
 
     # ---- metrics ---------------------------------------------------------------------------
     def read_metrics(self) -> dict[str, float]:
-        """``metrics.json`` (empty when absent)."""
-        if not self.metrics_path.exists():
+        """``metrics.json`` (empty when absent or unreadable: it is rewritten, not trusted)."""
+        try:
+            data = json.loads(self.metrics_path.read_text())
+        except (OSError, ValueError):
             return {}
-        return json.loads(self.metrics_path.read_text())
+        return data if isinstance(data, dict) else {}
 
     def write_metrics(self, metrics: dict[str, Any]) -> None:
         """Write ``metrics.json`` atomically (NaN stays NaN, as format-1 readers expect)."""
@@ -143,16 +164,57 @@ class RunFolder:
 
     def last_logged(self, key: str, default: float) -> float:
         """The last value of ``key`` in the training log."""
-        lines = self.log_path.read_text().splitlines() if self.log_path.exists() else []
-        for line in reversed(lines):
-            if line.strip() and key in (rec := json.loads(line)):
+        for rec in reversed(self.log_records()):
+            if isinstance(rec.get(key), int | float):
                 return float(rec[key])
         return default
 
+    def log_records(self) -> list[dict]:
+        """The training log's records; unreadable lines (a kill mid-write truncates the last
+        one) are skipped."""
+        try:
+            lines = self.log_path.read_text(errors="replace").splitlines()
+        except OSError:
+            return []
+        out = []
+        for line in lines:
+            with contextlib.suppress(ValueError):
+                rec = json.loads(line)
+                if isinstance(rec, dict):
+                    out.append(rec)
+        return out
+
+    def repair_log(self) -> None:
+        """Drop unreadable lines from the training log (what a kill mid-write leaves), so a
+        resumed run appends to a clean log. Rewritten only when something is dropped."""
+        if not self.log_path.exists():
+            return
+        text = self.log_path.read_text(errors="replace")
+        records = self.log_records()
+        if len(records) != sum(1 for ln in text.splitlines() if ln.strip()):
+            atomic_write_bytes(self.log_path,
+                               "".join(json.dumps(r) + "\n" for r in records).encode())
+
+    def is_unstarted(self) -> bool:
+        """A run whose training never got to a checkpoint or an SAE (e.g. a store error right
+        after the config was written): a plain rerun may start it again."""
+        return (self.is_run() and not self.has_checkpoint() and not self.has_sae()
+                and not self.metrics_path.exists())
+
     # ---- creation --------------------------------------------------------------------------
     def prepare(self, resume: bool, overwrite: bool) -> None:
-        """Refuse to clobber: a folder holding a run needs ``resume`` or ``overwrite``."""
+        """Check, and change nothing: a folder holding a run needs ``resume`` or ``overwrite``
+        (``overwrite`` replaces it only when the new run commits, see :meth:`commit_from`), a
+        folder holding anything else is refused, and the folder must be writable."""
         out = self.path
+        for parent in out.parents:
+            if parent.exists():
+                if not parent.is_dir():
+                    raise RunFolderError(f"--out {out}: {parent} is a file, not a folder: "
+                                         "choose another --out")
+                break
+        if out.exists() and not out.is_dir():
+            raise RunFolderError(f"--out {out} is a file, not a folder: choose another --out")
         if not out.exists():
             if resume:
                 raise RunFolderError(f"--resume: {out} does not exist; run without --resume")
@@ -162,15 +224,37 @@ class RunFolder:
             if not is_run:
                 raise RunFolderError(f"--resume: {out} holds no saelab run ({RUN_CONFIG} "
                                      "missing)")
-            return
-        if is_run and not overwrite:
+        elif is_run and not overwrite and not self.is_unstarted():
             raise RunFolderError(f"{out} already holds a run: pass --resume to continue it or "
                                  "--overwrite to replace it")
-        if not is_run and any(out.iterdir()):
+        elif not is_run and any(out.iterdir()):
             raise RunFolderError(f"{out} is not empty and holds no saelab run: choose another "
                                  "--out (nothing was written)")
-        if overwrite and is_run:
-            shutil.rmtree(out)
+        check_writable(out)
+
+    @property
+    def staging_path(self) -> Path:
+        """Where ``--overwrite`` builds the new run (beside the old one, hidden) until it
+        commits."""
+        return self.path.parent / f".{self.path.name}.overwrite"
+
+    def commit_from(self, staging: Path) -> None:
+        """Replace this folder's run by the finished run in ``staging``: the run artefacts of
+        the old run (the names saelab writes there) go, the user's own files stay, and
+        ``metrics.json`` (the mark of a finished run) moves in last."""
+        staging = Path(staging)
+        trash = self.path.parent / f".{self.path.name}.replaced"
+        shutil.rmtree(trash, ignore_errors=True)
+        trash.mkdir()
+        for name in sorted(RUN_ARTEFACTS):
+            if (self.path / name).exists() or (self.path / name).is_symlink():
+                os.replace(self.path / name, trash / name)
+        new = sorted(staging.iterdir(), key=lambda p: p.name == METRICS)
+        for entry in new:
+            os.replace(entry, self.path / entry.name)
+        fsync_dir(self.path)
+        shutil.rmtree(trash, ignore_errors=True)
+        shutil.rmtree(staging, ignore_errors=True)
 
     @contextlib.contextmanager
     def lock(self, what: str = "train") -> Iterator[None]:
@@ -181,6 +265,26 @@ class RunFolder:
 
         with hold_lock(self.path, what):
             yield
+
+
+def check_writable(folder: Path) -> None:
+    """Create and remove a probe file in ``folder`` (or, when it does not exist yet, its
+    nearest existing parent): raises :class:`NotWritableError` before any work is done."""
+    from saelab.errors import NotWritableError
+
+    target = next((p for p in (folder, *folder.parents) if p.exists()), Path("."))
+    try:
+        fd, probe = tempfile.mkstemp(prefix=".saelab-probe.", dir=target)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as e:
+        raise NotWritableError(f"cannot write to {target} ({e.strerror or e}): choose a "
+                               "writable --out") from None
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip()
+    return text.splitlines()[0] if text else type(e).__name__
 
 
 def _config_from_dict(cls: type, data: dict[str, Any]) -> Any:

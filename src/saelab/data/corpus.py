@@ -252,7 +252,7 @@ def _iter_jsonl(path: Path, column: str) -> Iterator[str]:
 
 def _iter_hf(name: str, column: str) -> Iterator[str]:
     try:
-        import datasets
+        import datasets  # optional heavy dependency (pyarrow); only for hub corpora
     except ImportError:
         raise DatasetNotAvailableError(
             f"dataset {name!r} needs the Hugging Face datasets package: pip install datasets "

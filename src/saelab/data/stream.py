@@ -135,6 +135,7 @@ class ActivationStream:
         # instrumentation, for tests and benchmarks
         self.shard_reads = 0
         self.peak_block_shards = 0
+        self.peak_buffer_rows = 0
 
     @property
     def batches_per_epoch(self) -> float:
@@ -161,6 +162,7 @@ class ActivationStream:
         total = sum(self._counts[s] for s in ids)
         self.peak_block_shards = max(self.peak_block_shards, len(ids))
         rows = total if need_R is None else len(need_R)
+        self.peak_buffer_rows = max(self.peak_buffer_rows, rows)
         bufs = [torch.empty(rows, self.store.d_in, dtype=self.store.dtype) for _ in self._keys]
         off = out = 0
         for s in ids:  # copy shard by shard: peak memory is the block plus one shard

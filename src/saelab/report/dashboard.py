@@ -11,9 +11,9 @@ Three streaming passes over the rows, each tensorised over (rows x latents) with
 state kept on the SAE's device (so memory is bounded by ``latents x examples``, not by rows):
 
 1. max / min / firing count of every latent (needed for ``top:N`` and for the bin edges);
-2. for the chosen latents: a running ``torch.topk`` merge for the top examples; histogram
-   counts and bin samples from the nonzero entries only (a uniform sample without replacement
-   per bin = the ``per_bin`` smallest of i.i.d. uniform keys, merged by one sort per chunk);
+2. for the chosen latents, from the chunk's nonzero entries only: a running top-k merge for
+   the top examples, histogram counts, and bin samples (a uniform sample without replacement
+   per bin = the ``per_bin`` smallest of i.i.d. uniform keys), merged by sorts per chunk;
 3. the latent's value at every context token of every chosen example: the rows those contexts
    cover are gathered and encoded once (a context token not stored as a row, e.g. the BOS
    position the harvest leaves out, shows value 0).
@@ -246,12 +246,51 @@ def parse_latents(spec: str, d_sae: int, density_F: Tensor | None = None,
     return torch.tensor(sorted(set(out)), dtype=torch.int64)
 
 
-def _merge_topk(vals_KL: Tensor, rows_KL: Tensor, new_BL: Tensor, new_rows_B: Tensor,
-                k: int) -> tuple[Tensor, Tensor]:
-    v = torch.cat([vals_KL, new_BL])
-    r = torch.cat([rows_KL, new_rows_B[:, None].expand_as(new_BL)])
-    top = torch.topk(v, min(k, v.shape[0]), dim=0)
-    return top.values, r.gather(0, top.indices)
+class _Smallest:
+    """Per group, the ``cap`` entries with the smallest keys seen so far (ties: first seen).
+
+    Flat ``(group, key, row)`` tensors sorted by group, then key; merging a chunk is two
+    stable sorts of the kept entries plus the new ones, so the state never exceeds
+    ``groups x cap`` entries and no Python loop touches a row."""
+
+    def __init__(self, n_groups: int, cap: int, dev, key_dtype=torch.float32):
+        self.n_groups, self.cap = n_groups, cap
+        self.group = torch.zeros(0, dtype=torch.int64, device=dev)
+        self.key = torch.zeros(0, dtype=key_dtype, device=dev)
+        self.row = torch.zeros(0, dtype=torch.int64, device=dev)
+
+    def add(self, group: Tensor, key: Tensor, row: Tensor) -> None:
+        g = torch.cat([self.group, group])
+        k = torch.cat([self.key, key.to(self.key.dtype)])
+        r = torch.cat([self.row, row])
+        o = torch.argsort(k, stable=True)
+        g, k, r = g[o], k[o], r[o]
+        o = torch.argsort(g, stable=True)
+        g, k, r = g[o], k[o], r[o]
+        keep = self._rank(g) < self.cap
+        self.group, self.key, self.row = g[keep], k[keep], r[keep]
+
+    @staticmethod
+    def _rank(g: Tensor) -> Tensor:
+        return torch.arange(g.shape[0], device=g.device) - torch.searchsorted(g, g)
+
+    def worst_key(self) -> Tensor:
+        """[n_groups]: the largest kept key of a full group, +inf for groups not yet full."""
+        out = torch.full((self.n_groups,), math.inf, dtype=self.key.dtype,
+                         device=self.key.device)
+        last = self._rank(self.group) == self.cap - 1
+        out[self.group[last]] = self.key[last]
+        return out
+
+    def slots(self) -> tuple[Tensor, Tensor]:
+        """``rows, keys`` as ``[n_groups, cap]`` (-1 / +inf in empty slots), ordered by key."""
+        rows = torch.full((self.n_groups * self.cap,), -1, dtype=torch.int64,
+                          device=self.row.device)
+        keys = torch.full((self.n_groups * self.cap,), math.inf, dtype=self.key.dtype,
+                          device=self.key.device)
+        at = self.group * self.cap + self._rank(self.group)
+        rows[at], keys[at] = self.row, self.key
+        return rows.view(self.n_groups, self.cap), keys.view(self.n_groups, self.cap)
 
 
 def _bin_index(v: Tensor, edge: Tensor, n: int) -> Tensor:
@@ -260,67 +299,50 @@ def _bin_index(v: Tensor, edge: Tensor, n: int) -> Tensor:
 
 
 class _SideCollector:
-    """Pass-2 state of one pole: running top-k, histogram, bin samples."""
+    """Pass-2 state of one pole: running top-k, histogram, bin samples.
+
+    Everything is computed from the chunk's positive entries only: the top-k keeps the
+    ``top_k`` smallest ``-v`` per latent (entries not above a full latent's current k-th value
+    are dropped before the merge); a bin's sample is the ``per_bin`` smallest of i.i.d. uniform
+    keys among its entries, i.e. a uniform sample without replacement over the whole scan."""
 
     def __init__(self, sign: int, extreme_L: Tensor, cfg: DashboardConfig, dev):
         L = extreme_L.shape[0]
         self.sign, self.cfg, self.extreme = sign, cfg, extreme_L.to(dev)
         # positive safe divisor (a pole that never fires has no entries anyway)
         self.edge = torch.where(self.extreme > 0, self.extreme, torch.ones_like(self.extreme))
-        self.top_vals = torch.zeros(0, L, device=dev)
-        self.top_rows = torch.zeros(0, L, dtype=torch.int64, device=dev)
+        self.top = _Smallest(L, cfg.top_k, dev)
+        self.samples = _Smallest(L * cfg.n_bins, cfg.per_bin, dev, key_dtype=torch.float64)
         self.hist = torch.zeros(L * cfg.hist_bins, dtype=torch.int64, device=dev)
         self.bin_counts = torch.zeros(L * cfg.n_bins, dtype=torch.int64, device=dev)
-        # bin samples as flat (group, key, row) triplets, at most per_bin per group
-        self.s_group = torch.zeros(0, dtype=torch.int64, device=dev)
-        self.s_key = torch.zeros(0, dtype=torch.float64, device=dev)
-        self.s_row = torch.zeros(0, dtype=torch.int64, device=dev)
 
     def update(self, v_BL: Tensor, rows_B: Tensor, gen: torch.Generator) -> None:
         cfg = self.cfg
-        self.top_vals, self.top_rows = _merge_topk(self.top_vals, self.top_rows, v_BL, rows_B,
-                                                   cfg.top_k)
         b, lat = (v_BL > 0).nonzero(as_tuple=True)
         if b.numel() == 0:
             return
-        v = v_BL[b, lat]
+        v, rows = v_BL[b, lat], rows_B[b]
+        better = -v < self.top.worst_key()[lat]
+        self.top.add(lat[better], -v[better], rows[better])
         e = self.edge[lat]
         self.hist.index_add_(0, lat * cfg.hist_bins + _bin_index(v, e, cfg.hist_bins),
                              torch.ones_like(lat))
         group = lat * cfg.n_bins + _bin_index(v, e, cfg.n_bins)
         self.bin_counts.index_add_(0, group, torch.ones_like(group))
         key = torch.rand(group.shape[0], generator=gen, dtype=torch.float64).to(v.device)
-        g = torch.cat([self.s_group, group])
-        k = torch.cat([self.s_key, key])
-        r = torch.cat([self.s_row, rows_B[b]])
-        # keys in [0, 1): sorting group + key sorts by group, then key within a group
-        order = torch.argsort(g.double() + k)
-        g, k, r = g[order], k[order], r[order]
-        first = torch.searchsorted(g, g)
-        keep = (torch.arange(g.shape[0], device=g.device) - first) < cfg.per_bin
-        self.s_group, self.s_key, self.s_row = g[keep], k[keep], r[keep]
+        self.samples.add(group, key, rows)
 
     def finish(self) -> SideData:
         cfg, L = self.cfg, self.extreme.shape[0]
-        k = self.top_vals.shape[0]
-        top_rows = torch.where(self.top_vals > 0, self.top_rows, -1).T.contiguous()
-        top_vals = torch.where(self.top_vals > 0, self.top_vals, 0.0).T.contiguous()
-        if k < cfg.top_k:  # fewer rows than top_k
-            pad = cfg.top_k - k
-            top_rows = torch.cat([top_rows, top_rows.new_full((L, pad), -1)], 1)
-            top_vals = torch.cat([top_vals, top_vals.new_zeros((L, pad))], 1)
-        slots = torch.full((L * cfg.n_bins * cfg.per_bin,), -1, dtype=torch.int64,
-                           device=self.s_row.device)
-        if self.s_group.numel():
-            first = torch.searchsorted(self.s_group, self.s_group)
-            rank = torch.arange(self.s_group.shape[0], device=first.device) - first
-            slots[self.s_group * cfg.per_bin + rank] = self.s_row
+        top_rows, neg_v = self.top.slots()
+        top_vals = torch.where(top_rows >= 0, -neg_v, 0.0)
+        bin_rows, _ = self.samples.slots()
         s = self.sign
         return SideData(
             sign=s,
-            top=ExampleSet(top_rows.cpu(), (s * top_vals).cpu()),
+            top=ExampleSet(top_rows.cpu(), (s * top_vals).float().cpu()),
             hist_counts=self.hist.view(L, cfg.hist_bins).cpu(),
-            bins=ExampleSet(slots.view(L, cfg.n_bins * cfg.per_bin).cpu(), torch.zeros(0)),
+            bins=ExampleSet(bin_rows.reshape(L, cfg.n_bins * cfg.per_bin).cpu(), torch.zeros(0)),
             bin_counts=self.bin_counts.view(L, cfg.n_bins).cpu(),
             extreme=self.extreme.cpu(),
         )

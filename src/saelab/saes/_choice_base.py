@@ -174,13 +174,15 @@ class ZipfUsageMixin:
         deficit = ((ref_F - self.firing_freq) / ref_F).clamp(0, 1)
         return mask_F, torch.where(dead, torch.ones_like(deficit), deficit)
 
-    def aux_loss(self, pre_BF: Tensor, residual_BD: Tensor, dead_mask_F: Tensor | None) -> Tensor:
+    def aux_loss(self, pre_BF: Tensor, residual_BD: Tensor, dead_mask_F: Tensor | None,
+                 x_BD: Tensor | None = None) -> Tensor:
         t = self.cfg.options
         if not self.cfg.options.aux_zipf or t.aux_coefficient == 0:
-            return super().aux_loss(pre_BF, residual_BD, dead_mask_F)
+            return super().aux_loss(pre_BF, residual_BD, dead_mask_F, x_BD)
         mask_F, weight_F = self.underutilised(dead_mask_F)
-        return auxk_loss(pre_BF, residual_BD, self.W_dec, mask_F, self.k_aux,
-                         scale_by_dead=t.aux_scale_by_dead, weight_F=weight_F)
+        aux = auxk_loss(pre_BF, residual_BD, self.W_dec, mask_F, self.k_aux,
+                        scale_by_dead=t.aux_scale_by_dead, weight_F=weight_F)
+        return self.normalize_aux(aux, residual_BD, x_BD)
 
     def training_state(self) -> dict[str, Tensor]:
         return {**super().training_state(), "firing_freq": self.firing_freq,

@@ -57,10 +57,17 @@ class AuxKOptions:
     aux_coefficient: float = opt(1 / 32, "alpha of the AuxK loss (§0.6); 0 disables it.")
     aux_scale_by_dead: bool = opt(
         False, "Scale AuxK by min(n_dead / k_aux, 1) (the sparsify variant, §0.6).")
+    aux_normalization: str = opt(
+        "residual", "Denominator of AuxK's normalised MSE (§0.6): residual (the variance of "
+        "its own target, the residual: OpenAI, dictionary_learning) or target (the variance "
+        "of the main target x: sparsify's FVU form).", choices=("residual", "target"))
 
     def validate(self) -> None:
         if self.aux_k < 0 or self.aux_coefficient < 0:
             raise ConfigError("--aux-k and --aux-coefficient must be >= 0")
+        if self.aux_normalization not in ("residual", "target"):
+            raise ConfigError(f"--aux-normalization must be residual or target, got "
+                              f"{self.aux_normalization!r}")
 
 
 @dataclass
@@ -68,6 +75,11 @@ class TopKOptions(AuxKOptions):
     """TopK-family settings shared by topk, batchtopk, abstopk, mutual/feature choice,
     matryoshka, vsae and gsae (METHODS §4, §0.6)."""
 
+    mse_normalization: str = opt(
+        "batch", "Scale of the main reconstruction loss (§4.2): batch (each batch's FVU, "
+        "sum||x - x_hat||^2 / sum||x - mean_batch(x)||^2, the sparsify form) or fixed (the "
+        "MSE divided by one constant, the MSE of predicting the data mean, measured once on "
+        "the init sample: the OpenAI form).", choices=("batch", "fixed"))
     k: int = opt(32, "Active latents per token (per-token for topk/abstopk/gsae/vsae, batch "
                  "average for batchtopk/mutual_choice/feature_choice/matryoshka).")
     multi_topk: bool = opt(False, "topk only: add the Multi-TopK term L(4k)/8 (§4.2).")
@@ -86,6 +98,9 @@ class TopKOptions(AuxKOptions):
 
     def validate(self) -> None:
         super().validate()
+        if self.mse_normalization not in ("batch", "fixed"):
+            raise ConfigError(f"--mse-normalization must be batch or fixed, got "
+                              f"{self.mse_normalization!r}")
         if self.k < 1:
             raise ConfigError(f"--k must be at least 1, got {self.k}")
         if not (self.encoder_init_scale > 0 and math.isfinite(self.encoder_init_scale)):
@@ -99,6 +114,22 @@ def topk_lr(sae: SAE) -> float:
     """2.5x the width law ``2e-4 / sqrt(M / 2^14)`` of sparsify/dictionary_learning ([R]),
     capped at 1e-3: our default budgets are ~500 steps, not ~10^5."""
     return min(1e-3, 5e-4 / math.sqrt(sae.d_sae / 2**14))
+
+
+def centered_sq_sum(x_BD: Tensor) -> Tensor:
+    """``Σ‖x − x̄‖²`` of the (global, in data-parallel training) batch, without autograd."""
+    with torch.no_grad():
+        if dist.is_distributed():
+            return dist.global_centered_sq_sum(x_BD)
+        xc = (x_BD - x_BD.mean(0)).flatten()
+        return xc @ xc
+
+
+def aux_target_factor(residual_BD: Tensor, x_BD: Tensor) -> Tensor:
+    """``Σ‖e − ē‖² / Σ‖x − x̄‖²``: turns AuxK normalised by its own target's (the residual
+    ``e``'s) variance into AuxK normalised by the main target's (``aux_normalization =
+    target``, §0.6). Detached: both variances are constants of the step."""
+    return centered_sq_sum(residual_BD) / centered_sq_sum(x_BD).clamp_min(1e-12)
 
 
 class AuxKMixin:
@@ -135,6 +166,11 @@ class TopKBaseSAE(AuxKMixin, SAE):
     def __init__(self, cfg, device=None, dtype=torch.float32):
         super().__init__(cfg, device=device, dtype=dtype)
         self.b_enc = nn.Parameter(torch.zeros(self.d_sae, device=device, dtype=dtype))
+        # scale of mse_normalization = fixed (0 = not measured yet); a training constant, so it
+        # is checkpointed (training_state) but not saved with the SAE
+        self.register_buffer("mse_scale", torch.zeros((), device=device, dtype=torch.float32),
+                             persistent=False)
+        self._have_mse_scale = False
 
     @property
     def k(self) -> int:
@@ -175,13 +211,55 @@ class TopKBaseSAE(AuxKMixin, SAE):
         return self.select(self.pre_acts(x_BD)).dense(x_BD.shape[0], self.d_sae)
 
     def aux_loss(self, pre_BF: Tensor | SparsePreActs, residual_BD: Tensor,
-                 dead_mask_F: Tensor | None) -> Tensor:
-        """AuxK; ``pre_BF`` is π with autograd or (from ``loss``) a ``SparsePreActs``."""
+                 dead_mask_F: Tensor | None, x_BD: Tensor | None = None) -> Tensor:
+        """AuxK; ``pre_BF`` is π with autograd or (from ``loss``) a ``SparsePreActs``;
+        ``x_BD`` (the main target) is needed by ``aux_normalization = target``."""
         t = self.cfg.options
         if t.aux_coefficient == 0:
             return residual_BD.new_zeros(())
-        return auxk_loss(pre_BF, residual_BD, self.W_dec, dead_mask_F, self.k_aux,
-                         signed=self.signed, scale_by_dead=t.aux_scale_by_dead)
+        aux = auxk_loss(pre_BF, residual_BD, self.W_dec, dead_mask_F, self.k_aux,
+                        signed=self.signed, scale_by_dead=t.aux_scale_by_dead)
+        return self.normalize_aux(aux, residual_BD, x_BD)
+
+    def normalize_aux(self, aux: Tensor, residual_BD: Tensor, x_BD: Tensor | None) -> Tensor:
+        if self.cfg.options.aux_normalization != "target":
+            return aux
+        if x_BD is None:
+            raise ValueError("aux_normalization = target needs the main target x_BD")
+        return aux * aux_target_factor(residual_BD, x_BD)
+
+    def recon_loss(self, recon_BD: Tensor, x_BD: Tensor) -> Tensor:
+        """Main reconstruction loss (§4.2): the batch FVU, or the MSE over a fixed scale."""
+        if self.cfg.options.mse_normalization == "batch":
+            return normalized_mse(recon_BD, x_BD)
+        # per-row SSE / (mean per-row SSE of predicting the data mean): the same units as the
+        # batch FVU; a rank-local mean, so averaging over ranks gives the global value
+        return (recon_BD - x_BD).pow(2).sum() / (x_BD.shape[0] * self.fixed_mse_scale(x_BD))
+
+    def fixed_mse_scale(self, x_BD: Tensor) -> Tensor:
+        """The constant of ``mse_normalization = fixed``: ``E‖x − E x‖²`` of the init sample
+        (:meth:`init_from_data`), else of the first training batch."""
+        if not self._have_mse_scale:  # a Python flag: no host sync per step
+            self.mse_scale.copy_(centered_sq_sum(x_BD) / (x_BD.shape[0] * dist.world_size()))
+            self._have_mse_scale = True
+        return self.mse_scale.clamp_min(1e-12)
+
+    @torch.no_grad()
+    def init_from_data(self, x_ND: Tensor) -> None:
+        super().init_from_data(x_ND)
+        if self.cfg.options.mse_normalization == "fixed":
+            x = x_ND.float()
+            self.mse_scale.fill_(float((x - x.mean(0)).pow(2).sum(1).mean()))
+            self._have_mse_scale = True
+
+    def training_state(self) -> dict[str, Tensor]:
+        return {**super().training_state(), "mse_scale": self.mse_scale}
+
+    def load_training_state(self, tensors: dict[str, Tensor]) -> None:
+        super().load_training_state(tensors)
+        if "mse_scale" in tensors:
+            self.mse_scale.copy_(tensors["mse_scale"])
+            self._have_mse_scale = bool(self.mse_scale > 0)
 
     def loss(self, x_BD: Tensor, step: int, *, dead_mask_F: Tensor | None = None,
              **_: Tensor | None) -> LossOutput:
@@ -194,7 +272,7 @@ class TopKBaseSAE(AuxKMixin, SAE):
             pre = pre_BF = self.pre_acts(x_BD)
             code = self.select_train(pre_BF, step)
         recon_BD = code.decode(self.W_dec) + self.b_dec
-        nmse = normalized_mse(recon_BD, x_BD)
+        nmse = self.recon_loss(recon_BD, x_BD)
         terms = {"nmse": nmse}
         total = nmse
         if self.cfg.options.multi_topk and self.architecture == "topk":
@@ -202,13 +280,13 @@ class TopKBaseSAE(AuxKMixin, SAE):
             if isinstance(pre, SparsePreActs):
                 code4 = attach_grad(pre, code4)
             recon4 = code4.decode(self.W_dec) + self.b_dec
-            terms["multi_topk"] = normalized_mse(recon4, x_BD)
+            terms["multi_topk"] = self.recon_loss(recon4, x_BD)
             total = total + terms["multi_topk"] / 8
-        aux = self.aux_loss(pre, x_BD - recon_BD, dead_mask_F)
+        aux = self.aux_loss(pre, x_BD - recon_BD, dead_mask_F, x_BD)
         terms["auxk"] = aux
         total = total + self.cfg.options.aux_coefficient * aux
         B = x_BD.shape[0]
-        return LossOutput(total, terms, None, recon_BD, fired_F=code.fired(self.d_sae),
+        return LossOutput(total, terms, None, recon_BD, fired_F=self.fired_latents(code),
                           l0=code.l0(B))
 
     def bias_names(self) -> tuple[str, ...]:
@@ -292,9 +370,10 @@ class ThresholdedBatchSAE(TopKBaseSAE):
         self.threshold_updates.add_(valid.any().long())
 
     def training_state(self) -> dict[str, Tensor]:
-        return {"threshold_updates": self.threshold_updates}
+        return {**super().training_state(), "threshold_updates": self.threshold_updates}
 
     def load_training_state(self, tensors: dict[str, Tensor]) -> None:
+        super().load_training_state(tensors)
         if "threshold_updates" in tensors:
             self.threshold_updates.copy_(tensors["threshold_updates"])
 

@@ -108,6 +108,9 @@ class SAE(nn.Module):
         self.sparsity_warmup_steps = 0
         #: optimiser steps of the whole run (set by the trainer; 0 = unknown)
         self.total_steps = 0
+        #: a latent fires when |activation| > this (dead-latent tracking, §0.5; set by the
+        #: trainer from TrainConfig.dead_eps)
+        self.dead_eps = 0.0
 
     # ---- configuration -------------------------------------------------------------------
     @classmethod
@@ -216,6 +219,20 @@ class SAE(nn.Module):
         here only.
         """
         raise NotImplementedError(f"{self.architecture} SAEs are not trainable")
+
+    def fired_latents(self, code: Any) -> Tensor:
+        """bool ``[F]`` of a ``SparseCode``: latents with ``|value| > dead_eps`` in the batch
+        (any nonzero value when ``dead_eps`` is 0). No host sync."""
+        if self.dead_eps <= 0:
+            return code.fired(self.d_sae)
+        hit = (code.vals.detach().abs() > self.dead_eps).flatten().to(torch.uint8)
+        out = torch.zeros(self.d_sae, dtype=torch.uint8, device=hit.device)
+        return out.scatter_reduce_(0, code.idx.flatten(), hit, "amax").bool()
+
+    def fired_dense(self, f_BF: Tensor) -> Tensor:
+        """bool ``[F]`` of a dense code: ``|f| > dead_eps`` somewhere in the batch."""
+        f = f_BF.detach()
+        return (f.amax(0) > self.dead_eps) | (f.amin(0) < -self.dead_eps)
 
     def after_step(self, step: int, out: LossOutput) -> None:
         """Called by the trainer after each optimiser step and decoder renormalisation

@@ -185,7 +185,8 @@ class GBASAE(SAE):
             # folded into the window statistics by after_step, once the step has been taken
             self._pending = (count_F, u_BF.detach().amax(0), x_BD.shape[0])
         B = x_BD.shape[0]
-        return LossOutput(nmse, {"nmse": nmse}, None, recon_BD, fired_F=count_F > 0,
+        fired_F = count_F > 0 if self.dead_eps <= 0 else self.fired_dense(f_BF)
+        return LossOutput(nmse, {"nmse": nmse}, None, recon_BD, fired_F=fired_F,
                           l0=count_F.sum().float() / B)
 
     # ---- bias adaptation (§8.3) ------------------------------------------------------------------

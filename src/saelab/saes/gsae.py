@@ -47,7 +47,7 @@ from saelab.errors import ConfigError
 from saelab.saes._topk_base import TopKBaseSAE, TopKOptions
 from saelab.saes.base import LossOutput, SAEOutput
 from saelab.saes.registry import register
-from saelab.saes.sparse import SparseCode, normalized_mse, topk_per_token
+from saelab.saes.sparse import SparseCode, topk_per_token
 
 GRAD_NORMS = ("none", "per_token_l2", "batch_mean_l2")
 
@@ -140,11 +140,11 @@ class GradientSAE(TopKBaseSAE):
         pre_BF = self.pre_acts(x_BD)
         code = self.select_with_grad(pre_BF, grad_BD)
         recon_BD = code.decode(self.W_dec) + self.b_dec
-        nmse = normalized_mse(recon_BD, x_BD)
-        aux = self.aux_loss(pre_BF, x_BD - recon_BD, dead_mask_F)
+        nmse = self.recon_loss(recon_BD, x_BD)
+        aux = self.aux_loss(pre_BF, x_BD - recon_BD, dead_mask_F, x_BD)
         total = nmse + self.cfg.options.aux_coefficient * aux
         return LossOutput(total, {"nmse": nmse, "auxk": aux}, None, recon_BD,
-                          fired_F=code.fired(self.d_sae), l0=code.l0(x_BD.shape[0]))
+                          fired_F=self.fired_latents(code), l0=code.l0(x_BD.shape[0]))
 
     # ---- export ----------------------------------------------------------------------------------
     @torch.no_grad()

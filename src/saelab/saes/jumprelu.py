@@ -266,7 +266,8 @@ class JumpReLUSAE(SAE):
             terms["pre_act"] = pre_act
 
         count_F = count_F.detach()
-        return LossOutput(total, terms, f_BF, recon_BD, fired_F=count_F > 0,
+        fired_F = count_F > 0 if self.dead_eps <= 0 else self.fired_dense(f_BF)
+        return LossOutput(total, terms, f_BF, recon_BD, fired_F=fired_F,
                           l0=count_F.sum() / n_tokens)
 
     @torch.no_grad()

@@ -41,7 +41,7 @@ from saelab.errors import ConfigError
 from saelab.saes._topk_base import BatchTopKBaseSAE, TopKOptions
 from saelab.saes.base import LossOutput
 from saelab.saes.registry import register
-from saelab.saes.sparse import SparseCode, SparsePreActs, attach_grad, normalized_mse
+from saelab.saes.sparse import SparseCode, SparsePreActs, attach_grad
 
 
 @dataclass
@@ -150,7 +150,9 @@ class MatryoshkaSAE(BatchTopKBaseSAE):
     def prefix_losses(self, x_BD: Tensor, code: SparseCode) -> tuple[Tensor, Tensor]:
         """(nmse of every prefix ``[G]``, full reconstruction ``[B, D]``)."""
         prefix_BGD = self.group_decodes(code, x_BD.shape[0]).cumsum(1) + self.b_dec
-        if dist.is_distributed():  # global FVU denominator, W x this rank's share (dist.py)
+        if self.cfg.options.mse_normalization == "fixed":  # §4.2 fixed scale, rank-local
+            var = x_BD.shape[0] * self.fixed_mse_scale(x_BD)
+        elif dist.is_distributed():  # global FVU denominator, W x this rank's share (dist.py)
             var = dist.global_centered_sq_sum(x_BD).clamp_min(1e-12) / dist.world_size()
         else:
             var = (x_BD - x_BD.mean(0)).pow(2).sum().clamp_min(1e-12)
@@ -170,15 +172,15 @@ class MatryoshkaSAE(BatchTopKBaseSAE):
         terms = {f"nmse_prefix_{j + 1}": nmse_G[j] for j in range(self.n_groups - 1)}
         terms["nmse"] = nmse_G[-1]
         if self.cfg.options.include_b_dec_term:
-            terms["nmse_prefix_0"] = normalized_mse(self.b_dec.expand_as(x_BD), x_BD)
+            terms["nmse_prefix_0"] = self.recon_loss(self.b_dec.expand_as(x_BD), x_BD)
             matryoshka = (nmse_G.sum() + terms["nmse_prefix_0"]) / (self.n_groups + 1)
         else:
             matryoshka = nmse_G.mean()
         terms["matryoshka"] = matryoshka
-        aux = self.aux_loss(pre, x_BD - recon_BD, dead_mask_F)
+        aux = self.aux_loss(pre, x_BD - recon_BD, dead_mask_F, x_BD)
         terms["auxk"] = aux
         total = matryoshka + self.cfg.options.aux_coefficient * aux
-        return LossOutput(total, terms, None, recon_BD, fired_F=code.fired(self.d_sae),
+        return LossOutput(total, terms, None, recon_BD, fired_F=self.fired_latents(code),
                           l0=code.l0(x_BD.shape[0]))
 
     # ---- prefix truncation ----------------------------------------------------------------------

@@ -241,6 +241,44 @@ class _SelectedPreActs(torch.autograd.Function):
         return None, dx, dW, d_benc, d_bdec, None, None
 
 
+class _ColumnPreActs(torch.autograd.Function):
+    """``π[:, cols]`` (dense ``[B, n]``) read from the detached ``pre_BF``, with a dense backward
+    over those columns only: ``dW[:, cols] = (x − b_dec)ᵀ g`` is one ``[D, B] × [B, n]`` GEMM.
+
+    AuxK uses this when k_aux is a sizeable fraction of the dead columns: a GEMM multiply-add
+    is far cheaper than a random row gather, so B·n·D GEMM work beats the B·k_aux·D scatter of
+    :class:`_SelectedPreActs` once k_aux / n ≳ ``_AUX_DENSE_DENSITY``.
+    """
+
+    @staticmethod
+    def forward(ctx, pre_BF: Tensor, x_BD: Tensor, W_DF: Tensor, b_enc_F: Tensor | None,
+                b_dec_D: Tensor | None, cols: Tensor) -> Tensor:
+        ctx.has_b_enc, ctx.has_b_dec = b_enc_F is not None, b_dec_D is not None
+        ctx.save_for_backward(x_BD, W_DF, b_dec_D, cols)
+        return pre_BF.index_select(1, cols)
+
+    @staticmethod
+    def backward(ctx, g_BN: Tensor):
+        x_BD, W_DF, b_dec_D, cols = ctx.saved_tensors
+        need = ctx.needs_input_grad
+        g_BN = g_BN.contiguous()
+        s_N = g_BN.sum(0) if (need[3] or need[4] or (need[2] and ctx.has_b_dec)) else None
+        dW = d_benc = d_bdec = dx = None
+        W_DN = W_DF.index_select(1, cols) if (need[1] or need[4]) else None
+        if need[2]:
+            dW_DN = x_BD.T @ g_BN
+            if ctx.has_b_dec:
+                dW_DN.addr_(b_dec_D, s_N, alpha=-1)
+            dW = W_DF.new_zeros(W_DF.shape).index_copy_(1, cols, dW_DN)
+        if need[3]:
+            d_benc = s_N.new_zeros(W_DF.shape[1]).index_copy_(0, cols, s_N)
+        if need[4]:
+            d_bdec = -(W_DN @ s_N)
+        if need[1]:
+            dx = g_BN @ W_DN.T
+        return None, dx, dW, d_benc, d_bdec, None
+
+
 class SparsePreActs:
     """Encoder pre-activations ``π = (x − b_dec) W_enc + b_enc`` for sparse training.
 
@@ -272,6 +310,11 @@ class SparsePreActs:
         """Differentiable π at the entries of a code (``SparseCode`` layout)."""
         return _SelectedPreActs.apply(self.dense, self.x_BD, self.W_enc_DF, self.b_enc_F,
                                       self.b_dec_D, idx, offsets)
+
+    def columns(self, cols: Tensor) -> Tensor:
+        """Differentiable dense π ``[B, n]`` at columns ``cols`` (dense backward over them)."""
+        return _ColumnPreActs.apply(self.dense, self.x_BD, self.W_enc_DF, self.b_enc_F,
+                                    self.b_dec_D, cols)
 
 
 def attach_grad(pre: SparsePreActs, code: SparseCode, signed: bool = False) -> SparseCode:
@@ -401,8 +444,10 @@ def auxk_loss(pre_BF: Tensor | SparsePreActs, residual_BD: Tensor, W_dec_FD: Ten
     ``scale_by_dead`` multiplies by ``min(n_dead / k_aux, 1)`` (sparsify); ``weight_F``
     (optional, per latent) scales each latent's code, as aux_zipf_loss's deficit weighting.
 
-    ``pre_BF`` is either π with autograd (dense backward through the dead columns) or a
-    :class:`SparsePreActs` (sparse backward through the B·k_aux selected entries only).
+    ``pre_BF`` is either π with autograd or a :class:`SparsePreActs`. With the latter no
+    ``[B, F]`` gradient is built: when ``k_aux ≥ n_dead·_AUX_DENSE_DENSITY`` the dead columns
+    are handled densely (``[B, n_dead]`` GEMMs, :class:`_ColumnPreActs`), otherwise sparsely
+    (the B·k_aux selected entries, :class:`_SelectedPreActs` and the sparse decoder).
     Finding the dead set costs one host sync (``nonzero``); the trainer calls this once a step.
     """
     dense_BF = pre_BF.dense if isinstance(pre_BF, SparsePreActs) else pre_BF
@@ -414,20 +459,30 @@ def auxk_loss(pre_BF: Tensor | SparsePreActs, residual_BD: Tensor, W_dec_FD: Ten
         return dense_BF.new_zeros(())
     e_BD = residual_BD.detach()
     k = min(k_aux, n_dead)
-    p_dead = dense_BF.index_select(1, dead_idx)
-    code = topk_per_token(p_dead, k, signed=signed)
-    idx = dead_idx[code.idx]
-    vals = code.vals
-    if isinstance(pre_BF, SparsePreActs):
-        vals = attach_grad(pre_BF, SparseCode(idx, vals), signed=signed).vals
-    if weight_F is not None:
-        vals = vals * weight_F[idx]
     if k >= _AUX_DENSE_DENSITY * n_dead:
-        # dense over the dead columns only: at k_aux / n_dead ≳ 1/16 three [B, n_dead] x D
-        # GEMMs (forward and backward) beat three passes of B·k_aux random row gathers
-        z_BN = vals.new_zeros(vals.shape[0], n_dead).scatter(1, code.idx, vals)
+        # dense over the dead columns only, in both directions: at k_aux / n_dead ≳ 1/16 the
+        # [B, n_dead] x D GEMMs (decode forward and backward, encoder-weight gradient) beat
+        # B·k_aux random row gathers and scatters
+        if isinstance(pre_BF, SparsePreActs):
+            p_BN = pre_BF.columns(dead_idx)
+        else:
+            p_BN = pre_BF.index_select(1, dead_idx)
+        with torch.no_grad():
+            sel = topk_per_token(p_BN.detach(), k, signed=signed).idx
+            keep_BN = torch.zeros(p_BN.shape, dtype=torch.bool, device=p_BN.device)
+            keep_BN.scatter_(1, sel, True)
+        z_BN = torch.where(keep_BN, p_BN if signed else torch.relu(p_BN), 0.0)
+        if weight_F is not None:
+            z_BN = z_BN * weight_F[dead_idx]
         e_hat_BD = z_BN @ W_dec_FD.index_select(0, dead_idx)
     else:
+        code = topk_per_token(dense_BF.index_select(1, dead_idx), k, signed=signed)
+        idx = dead_idx[code.idx]
+        vals = code.vals
+        if isinstance(pre_BF, SparsePreActs):
+            vals = attach_grad(pre_BF, SparseCode(idx, vals), signed=signed).vals
+        if weight_F is not None:
+            vals = vals * weight_F[idx]
         e_hat_BD = SparseCode(idx, vals).decode(W_dec_FD)
     loss = normalized_mse(e_hat_BD, e_BD)
     if scale_by_dead:

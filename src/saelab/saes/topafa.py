@@ -84,7 +84,7 @@ from torch import Tensor, nn
 
 from saelab.config import opt
 from saelab.errors import ConfigError
-from saelab.saes._topk_base import AuxKMixin, AuxKOptions, topk_lr
+from saelab.saes._topk_base import AuxKMixin, AuxKOptions, aux_target_factor, topk_lr
 from saelab.saes.base import SAE, LossOutput
 from saelab.saes.registry import register
 from saelab.saes.sparse import (
@@ -116,6 +116,12 @@ class AFAOptions(AuxKOptions):
         False, "Add a learned b_enc to the pre-activations. Off by default: the reference "
         "forward pass never uses its b_enc, and with W_enc = W_dec^T the bias-free code of an "
         "orthonormal dictionary matches ||x_c|| exactly (§10.1-10.2).", flag="afa_encoder_bias")
+    standardize: bool = opt(
+        False, "Standardise every token, x' = (x - mean_d x) / (std_d x + 1e-5), before the SAE "
+        "and de-standardise its output, as the reference code (input_unit_norm, §10.2). Off by "
+        "default: decode(f) then needs each token's mean and std, so the saved SAE is no longer "
+        "a plain function of the code, and on saelab synth it did not make the codes sparse "
+        "(docs/methods.md §10.5).", flag="afa_standardize")
 
 
 def afa_k(acts_BF: Tensor, dec_norm_F: Tensor, target_B: Tensor, rule: str = "nearest"
@@ -188,6 +194,28 @@ class TopAFASAE(AuxKMixin, SAE):
         if self.cfg.options.encoder_bias:
             self.b_enc.zero_()
 
+    # ---- per-token standardisation (options.standardize, §10.2) -------------------------------
+    def standardize(self, x_BD: Tensor) -> tuple[Tensor, Tensor | None, Tensor | None]:
+        """``(x', mean, std)`` with ``x' = (x − mean_d x)/(std_d x + 1e-5)`` (the reference's
+        unbiased std); ``(x, None, None)`` when the option is off."""
+        if not self.cfg.options.standardize:
+            return x_BD, None, None
+        mean_B1 = x_BD.mean(-1, keepdim=True)
+        std_B1 = x_BD.std(-1, keepdim=True)
+        return (x_BD - mean_B1) / (std_B1 + 1e-5), mean_B1, std_B1
+
+    @staticmethod
+    def destandardize(y_BD: Tensor, mean_B1: Tensor | None, std_B1: Tensor | None) -> Tensor:
+        return y_BD if mean_B1 is None else y_BD * (std_B1 + 1e-5) + mean_B1
+
+    def forward(self, x_BD: Tensor):
+        _, mean_B1, std_B1 = self.standardize(x_BD)
+        out = super().forward(x_BD)
+        if mean_B1 is None:
+            return out
+        # super().forward standardised again inside encode; decode is in standardised units
+        return out._replace(recon=self.destandardize(out.recon, mean_B1, std_B1))
+
     def pre_acts(self, x_BD: Tensor) -> Tensor:
         pre = self._input_for_encoder(x_BD, self.W_enc)
         return pre + self.b_enc if self.cfg.options.encoder_bias else pre
@@ -207,12 +235,16 @@ class TopAFASAE(AuxKMixin, SAE):
         return ragged_top(acts_BF, k_B, order)
 
     def encode(self, x_BD: Tensor) -> Tensor:
+        x_BD = self.standardize(x_BD)[0]
         code, _ = self.select(x_BD, self.pre_acts(x_BD))
         return code.dense(x_BD.shape[0], self.d_sae)
 
     def loss(self, x_BD: Tensor, step: int, *, dead_mask_F: Tensor | None = None,
              **_: Tensor | None) -> LossOutput:
         B = x_BD.shape[0]
+        # standardised: the loss is in x' units, as the reference's (its MSE is on x'); the
+        # reconstruction handed back is de-standardised so the trainer's logs are in x units
+        x_BD, mean_B1, std_B1 = self.standardize(x_BD)
         # select on a detached π, then re-attach only the chosen entries (sparse backward)
         pre = self.sparse_pre_acts(x_BD)
         code, rows = self.select(x_BD, pre.dense)
@@ -230,13 +262,27 @@ class TopAFASAE(AuxKMixin, SAE):
         if self.cfg.options.aux_coefficient:
             aux = auxk_loss(pre, x_BD - recon_BD, self.W_dec, dead_mask_F, self.k_aux,
                             scale_by_dead=self.cfg.options.aux_scale_by_dead)
+            if a.aux_normalization == "target":
+                aux = aux * aux_target_factor(x_BD - recon_BD, x_BD)
         total = nmse + a.afa_coefficient * afa + self.cfg.options.aux_coefficient * aux
         terms = {"nmse": nmse, "afa": afa, "auxk": aux}
-        return LossOutput(total, terms, None, recon_BD, fired_F=code.fired(self.d_sae),
+        if mean_B1 is not None:
+            recon_BD = self.destandardize(recon_BD.detach(), mean_B1, std_B1)
+        return LossOutput(total, terms, None, recon_BD, fired_F=self.fired_latents(code),
                           l0=code.l0(B))
 
     def bias_names(self) -> tuple[str, ...]:
         return ("b_dec", "b_enc") if self.cfg.options.encoder_bias else ("b_dec",)
+
+    @torch.no_grad()
+    def fold_input_scale(self, scale: float) -> None:
+        # standardisation removes any input scale: b_dec / b_enc live in x' units, unchanged
+        if not self.cfg.options.standardize:
+            super().fold_input_scale(scale)
+
+    @torch.no_grad()
+    def init_from_data(self, x_ND: Tensor) -> None:
+        super().init_from_data(self.standardize(x_ND.float())[0])
 
 
 # ---- AFA analysis (§10.1) -------------------------------------------------------------------------

@@ -185,11 +185,11 @@ class VariationalSAE(TopKBaseSAE):
         recon_BD = code.decode(self.W_dec) + self.b_dec
         sse = (recon_BD - x_BD).pow(2).sum(-1).mean()
         kl = self.kl(mu_BF, log_var_BF)
-        aux = self.aux_loss(mu_BF, x_BD - recon_BD, dead_mask_F)
+        aux = self.aux_loss(mu_BF, x_BD - recon_BD, dead_mask_F, x_BD)
         beta = self.cfg.options.kl_coefficient * self.kl_scale(step)
         total = sse + beta * kl + self.cfg.options.aux_coefficient * aux
         terms = {"sse": sse, "kl": kl, "auxk": aux}
-        return LossOutput(total, terms, None, recon_BD, fired_F=code.fired(self.d_sae),
+        return LossOutput(total, terms, None, recon_BD, fired_F=self.fired_latents(code),
                           l0=code.l0(x_BD.shape[0]))
 
     def training_state(self) -> dict[str, Tensor]:

@@ -4,6 +4,7 @@ atomically (safetensors + JSON, no pickles) and verified by checksum on load."""
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -78,6 +79,7 @@ def _load(folder: Path) -> CheckpointState:
         meta = json.loads(meta_path.read_text())
     except (OSError, ValueError) as e:
         raise CheckpointError(f"damaged checkpoint {meta_path}: {e.__class__.__name__}") from None
+    check_meta(meta, meta_path)
     if not state_path.exists():
         raise CheckpointError(f"damaged checkpoint: {state_path} is missing")
     if sha256_file(state_path) != meta.get("sha256"):
@@ -86,7 +88,38 @@ def _load(folder: Path) -> CheckpointState:
         tensors = load_file(str(state_path))
     except Exception as e:  # safetensors raises its own error types for truncation
         raise CheckpointError(f"damaged checkpoint {state_path}: {e}") from None
-    return CheckpointState(int(meta["step"]), meta, tensors)
+    return CheckpointState(meta["step"], meta, tensors)
+
+
+def _is_number(v: Any) -> bool:
+    return isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def check_meta(meta: Any, meta_path: Path) -> None:
+    """``state.json`` holds what resuming reads, with the right types: a non-negative integer
+    ``step`` (not beyond ``total_steps`` where recorded), a finite positive ``input_scale``,
+    and integer sizes. Raises :class:`CheckpointError` naming the key."""
+    if not isinstance(meta, dict):
+        raise CheckpointError(f"damaged checkpoint {meta_path}: not a JSON object")
+    step = meta.get("step")
+    if not isinstance(step, int) or isinstance(step, bool) or step < 0:
+        raise CheckpointError(f"damaged checkpoint {meta_path}: 'step' must be an integer >= 0, "
+                              f"got {step!r}")
+    total = meta.get("total_steps")
+    if total is not None and (not isinstance(total, int) or step > total):
+        raise CheckpointError(f"damaged checkpoint {meta_path}: 'step' {step} is beyond the "
+                              f"run's total_steps {total!r}")
+    scale = meta.get("input_scale", 1.0)
+    if not (_is_number(scale) and scale > 0):
+        raise CheckpointError(f"damaged checkpoint {meta_path}: 'input_scale' must be a finite "
+                              f"number > 0, got {scale!r}")
+    for key in ("d_in", "d_sae", "batch_size"):
+        v = meta.get(key)
+        if v is not None and (not isinstance(v, int) or isinstance(v, bool)):
+            raise CheckpointError(f"damaged checkpoint {meta_path}: {key!r} must be an integer, "
+                                  f"got {v!r}")
+    if not isinstance(meta.get("sha256"), str):
+        raise CheckpointError(f"damaged checkpoint {meta_path}: 'sha256' missing")
 
 
 def optimizer_tensors(opt: torch.optim.Optimizer, names: dict[torch.nn.Parameter, str]) -> dict:

@@ -83,7 +83,9 @@ class Trainer:
             list(self.named_params.values()), lr=self.base_lr, betas=(beta1, cfg.adam_beta2),
             eps=cfg.adam_eps, **_adam_impl(self.device),
         )
-        self.dead = DeadLatentTracker(sae.d_sae, cfg.dead_window(), self.device)
+        self.dead = DeadLatentTracker(sae.d_sae, cfg.dead_window(), self.device,
+                                      eps=cfg.dead_eps)
+        sae.dead_eps = cfg.dead_eps  # families that report fired_F themselves apply it
         self.step = 0
         self._wandb = _init_wandb(cfg, sae) if cfg.wandb_project and self.is_main else None
 
