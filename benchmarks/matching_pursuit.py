@@ -50,6 +50,9 @@ def main() -> None:
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"))
     ap.add_argument("--residual", action="store_true", help="also time the residual path")
+    ap.add_argument("--gram-dtype", default="bfloat16", choices=("float32", "bfloat16", "none"),
+                    help="also time MP with the Gram matrix stored in this dtype (none: skip)")
+    ap.add_argument("--chunk-rows", type=int, default=0, help="rows per MP block; 0 = auto")
     args = ap.parse_args()
     dev, dtype = torch.device(args.device), getattr(torch, args.dtype)
     sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
@@ -65,20 +68,28 @@ def main() -> None:
     x = atoms.float().cpu()[idx].sum(1) + 0.1 * torch.randn(args.rows, args.d, generator=g)
     x = x.to(dev, dtype)
     gram = padded_gram(atoms)
+    gdt = None if args.gram_dtype == "none" else getattr(torch, args.gram_dtype)
+    gram_low = padded_gram(atoms, gdt) if gdt is not None and gdt != dtype else None
+    rows = args.chunk_rows or None
     print(f"atoms {args.atoms}, d {args.d}, k {args.k}, rows {args.rows}, {args.dtype}")
 
-    best = {"bound": float("inf"), "gram": float("inf"), "residual": float("inf")}
+    low = f"gram {args.gram_dtype}"
+    best = {"bound": float("inf"), "gram": float("inf"), low: float("inf"),
+            "residual": float("inf")}
     matching_pursuit(x[:64], atoms, args.k, gram_NN=gram)  # warm-up
     for _ in range(args.repeats):
         best["bound"] = min(best["bound"], timed(lambda: x @ atoms.T, sync))
         best["gram"] = min(best["gram"], timed(
-            lambda: matching_pursuit(x, atoms, args.k, gram_NN=gram), sync))
+            lambda: matching_pursuit(x, atoms, args.k, gram_NN=gram, chunk_rows=rows), sync))
+        if gram_low is not None:
+            best[low] = min(best[low], timed(lambda: matching_pursuit(
+                x, atoms, args.k, gram_NN=gram_low, chunk_rows=rows), sync))
         if args.residual:
             best["residual"] = min(best["residual"], timed(
                 lambda: matching_pursuit(x, atoms, args.k), sync))
     bound = args.rows / best["bound"]
     print(f"bound (one x·Dᵀ)      {bound:12,.0f} tokens/s")
-    for name in ("gram", "residual"):
+    for name in ("gram", low, "residual"):
         if best[name] < float("inf"):
             tps = args.rows / best[name]
             print(f"MP {name:<18} {tps:12,.0f} tokens/s  = {tps / bound:6.1%} of the bound")

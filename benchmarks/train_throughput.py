@@ -129,10 +129,15 @@ def baselines_python(venv: Path) -> Path:
     print(f"  installing baselines into {venv} ({want}); first run only ...", flush=True)
     if not py.exists():
         subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
+    # the venv sees the running interpreter's site-packages (a .pth after its own), so pip finds
+    # this very torch build installed and never fetches another (PyPI's default is a CUDA
+    # build); the baselines' own packages still go into the venv
+    site = subprocess.run([str(py), "-c", "import sysconfig; print(sysconfig.get_path('purelib'))"],
+                          check=True, capture_output=True, text=True).stdout.strip()
+    torch_site = Path(torch.__file__).resolve().parent.parent
+    (Path(site) / "_saelab_torch.pth").write_text(f"{torch_site}\n")
     pip = [str(py), "-m", "pip", "install", "-q"]
-    # torch first, pinned to ours: pip then reuses the local CPU wheel instead of a CUDA build
-    subprocess.run([*pip, torch_pin], check=True)
-    subprocess.run([*pip, *BASELINE_PACKAGES], check=True)
+    subprocess.run([*pip, torch_pin, *BASELINE_PACKAGES], check=True)
     stamp.write_text(want + "\n")
     return py
 

@@ -228,3 +228,26 @@ def test_short_training_lowers_loss_and_l0_varies_per_token():
     assert after.terms["nmse"] < before.terms["nmse"]
     assert l0_B.std() > 0.5 and l0_B.min() < l0_B.max() - 2
     torch.testing.assert_close(sae.W_dec.norm(dim=1), torch.ones(F), atol=1e-5, rtol=0)  # N1
+
+
+def test_standardize_option_works_on_per_token_standardised_inputs():
+    sae = make(standardize=True)
+    x = randn(32, D, seed=7) * 3 + randn(32, 1, seed=8)
+    # reference standardisation (unbiased std, as the reference code's torch.std)
+    xd = x.double()
+    mean, std = xd.mean(1, keepdim=True), xd.std(1, keepdim=True)
+    xs = ((xd - mean) / (std + 1e-5)).float()
+    plain = make()  # same weights, no standardisation, fed the standardised input
+    plain.load_state_dict(sae.state_dict())
+    torch.testing.assert_close(sae.encode(x), plain.encode(xs))
+    # the code ignores each token's scale and shift; the output is de-standardised
+    torch.testing.assert_close(sae.encode(x * 2.5 + 4.0), sae.encode(x), atol=1e-4, rtol=1e-4)
+    want = (plain(xs).recon.double() * (std + 1e-5) + mean).float()
+    torch.testing.assert_close(sae(x).recon, want)
+    out = sae.loss(x, 0)
+    torch.testing.assert_close(out.terms["nmse"], normalized_mse(plain(xs).recon, xs))
+    torch.testing.assert_close(out.recon, want)
+    # folding an input scale changes nothing: the SAE already ignores it
+    before = sae(x).recon
+    sae.fold_input_scale(4.0)
+    torch.testing.assert_close(sae(x).recon, before)

@@ -418,3 +418,95 @@ def test_bad_input(case: Case, tiny, finished_run, tmp_path, monkeypatch):
 
 def test_table_has_enough_cases():
     assert len(CASES) >= 40 and len({c.name for c in CASES}) == len(CASES)
+
+
+# ---- inputs that must succeed without losing anything ------------------------------------------
+def test_overwrite_keeps_the_users_files_and_replaces_the_run(tiny, finished_run, tmp_path):
+    run = tmp_path / "run"
+    shutil.copytree(finished_run, run)
+    (run / "notes.txt").write_text("mine\n")
+    (run / "plots").mkdir()
+    (run / "plots" / "a.png").write_bytes(b"png")
+    old_weights = (run / "sae" / "sae_weights.safetensors").read_bytes()
+    assert main(train_args(tiny, run, "--overwrite", "--seed", "5")) == 0
+    assert (run / "notes.txt").read_text() == "mine\n"
+    assert (run / "plots" / "a.png").read_bytes() == b"png"
+    assert (run / "sae" / "sae_weights.safetensors").read_bytes() != old_weights
+    assert json.loads((run / "run_config.json").read_text())["train"]["seed"] == 5
+    assert json.loads((run / "run_config.json").read_text())["out"] == str(run)
+    assert not list(tmp_path.glob(".run.*"))  # staging and trash folders are gone
+
+
+def test_overwrite_that_fails_mid_training_leaves_the_old_run(tiny, finished_run, tmp_path,
+                                                              monkeypatch):
+    from saelab.train.trainer import Trainer
+
+    run = tmp_path / "run"
+    shutil.copytree(finished_run, run)
+    before = snapshot_tree(run)
+    real = Trainer._train_step
+
+    def fail_at_step_2(self, *a):
+        if self.step == 2:
+            raise OSError(errno.ENOSPC, "No space left on device", str(run))
+        return real(self, *a)
+
+    monkeypatch.setattr(Trainer, "_train_step", fail_at_step_2)
+    result = run_cli_case(train_args(tiny, run, "--overwrite", "--seed", "5"))
+    assert result.code == 2 and len(result.error_lines) == 1, result.stderr
+    assert_unchanged(before, snapshot_tree(run))
+    monkeypatch.setattr(Trainer, "_train_step", real)
+    assert main(train_args(tiny, run, "--overwrite", "--seed", "5")) == 0  # and it recovers
+
+
+def test_truncated_last_log_line_resumes(tiny, finished_run, tmp_path):
+    run = tmp_path / "run"
+    shutil.copytree(finished_run, run)
+    (run / "metrics.json").unlink()
+    log = run / "metrics.jsonl"
+    text = log.read_text()
+    log.write_text(text + text.splitlines()[-1][:17])  # a kill mid-write
+    assert main(["train", "--out", str(run), "--resume", "--quiet"]) == 0
+    recs = [json.loads(ln) for ln in log.read_text().splitlines()]
+    assert [r["step"] for r in recs] == [1, 2, 3, 4]
+
+
+def test_store_error_mid_run_is_not_a_stuck_state(tiny, tmp_path, monkeypatch):
+    """A run that died before its first checkpoint (config written, nothing trained) can be
+    rerun as it was, or resumed (from step 0)."""
+    from saelab.data import stream
+    from saelab.errors import StoreError
+
+    real = stream.ActivationStream.__iter__
+
+    def broken(self):
+        raise StoreError("shard_00000.safetensors fails its checksum")
+        yield from real(self)
+
+    for retry in (["--resume"], []):
+        out = tmp_path / f"run{len(retry)}"
+        monkeypatch.setattr(stream.ActivationStream, "__iter__", broken)
+        result = run_cli_case(train_args(tiny, out))
+        assert result.code == 2 and "checksum" in result.error_lines[0]
+        assert (out / "run_config.json").exists() and not (out / "checkpoint").exists()
+        monkeypatch.setattr(stream.ActivationStream, "__iter__", real)
+        argv = (["train", "--out", str(out), "--resume", "--quiet"] if retry
+                else train_args(tiny, out))
+        assert main(argv) == 0, retry
+        assert (out / "metrics.json").exists()
+
+
+def test_eval_skip_ce_keeps_the_ce_metrics(finished_run, tmp_path):
+    run = tmp_path / "run"
+    shutil.copytree(finished_run, run)
+    old = json.loads((run / "metrics.json").read_text())
+    old_sae = json.loads((run / "sae" / "metrics.json").read_text())
+    assert old["ce_loss_recovered"] == old["ce_loss_recovered"]  # measured, not NaN
+    assert main(["eval", str(run), "--skip-ce", "--eval-tokens", "200", "--quiet"]) == 0
+    new = json.loads((run / "metrics.json").read_text())
+    new_sae = json.loads((run / "sae" / "metrics.json").read_text())
+    ce_keys = [k for k in old if k.startswith(("ce_", "kl_", "delta_lm"))]
+    assert ce_keys
+    for k in ce_keys:
+        assert new[k] == old[k] and new_sae[k] == old_sae[k], k
+    assert new["n_tokens"] != old["n_tokens"]  # the reconstruction metrics were re-measured

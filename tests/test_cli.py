@@ -53,6 +53,16 @@ def test_train_writes_a_complete_run(tiny, tmp_path, capsys):
     for key in ("l0", "fvu", "mse", "ce_loss_recovered", "delta_lm_loss", "kl_score",
                 "relative_reconstruction_bias", "dead_fraction"):
         assert isinstance(metrics[key], float) and metrics[key] == metrics[key], key
+    # the files hold this run, not merely exist: 3072 / 256 = 12 steps, logged every 2,
+    # checkpointed at the end; the SAE folder carries the same metrics as the run folder
+    state = json.loads((out / "checkpoint/state.json").read_text())
+    assert state["step"] == 12 and state["d_sae"] == 32 and state["batch_size"] == 256
+    steps = [json.loads(ln)["step"] for ln in (out / "metrics.jsonl").read_text().splitlines()]
+    assert steps == [2, 4, 6, 8, 10, 12]
+    sae_metrics = json.loads((out / "sae/metrics.json").read_text())
+    assert {k: sae_metrics[k] for k in ("l0", "fvu")} == {k: metrics[k] for k in ("l0", "fvu")}
+    assert 0 < metrics["l0"] <= 32 and 0 <= metrics["dead_fraction"] <= 1
+    assert json.loads((out / "run_config.json").read_text())["train"]["tokens"] == 3072
     cfg = json.loads((out / "sae/cfg.json").read_text())
     assert cfg["architecture"] == "gated" and cfg["metadata"]["hook_name"] == HOOK
     sparsity = load_file(str(out / "sae/sparsity.safetensors"))["sparsity"]

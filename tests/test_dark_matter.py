@@ -202,7 +202,7 @@ def _store(path, hook: str, d: int, seed: int):
     w = StoreWriter(path, spec, shard_rows=300)
     g = torch.Generator().manual_seed(seed)
     dict_FD = torch.randn(64, d, generator=g)
-    for start in range(0, n_windows, 8):
+    for _ in range(0, n_windows, 8):
         keep = torch.ones(8, T, dtype=torch.bool)
         keep[:, 0] = False
         n = int(keep.sum())
@@ -225,7 +225,7 @@ def _sae_folder(path, d: int, width: int, k: int, seed: int, hook: str):
 
 
 @pytest.mark.usefixtures("one_thread")
-def test_darkmatter_plugin_end_to_end(tmp_path):
+def test_darkmatter_plugin_end_to_end(tmp_path, monkeypatch):
     from saelab.analysis.dark_matter import DarkMatterConfig, run_darkmatter
 
     d = 16
@@ -255,6 +255,17 @@ def test_darkmatter_plugin_end_to_end(tmp_path):
     for f in ("error_norm_prediction.png", "per_token_scaling.png", "fvu_vs_width.png",
               "gradient_pursuit.png"):
         assert (tmp_path / "out" / f).stat().st_size > 0
+    # a rerun with the same config reuses the finished parts 3-6 instead of recomputing them
+    import saelab.analysis.dark_matter as dm
+
+    def boom(*a, **k):
+        raise AssertionError("trained again")
+    monkeypatch.setattr(dm, "train_topk", boom)
+    again = run_darkmatter(cfg, runs, tmp_path / "out", progress=False, log=lambda *_: None)
+    assert again.results["trained_on_parts"] == json.loads(json.dumps(r["trained_on_parts"]))
+    with pytest.raises(AssertionError, match="trained again"):  # another config: recomputed
+        run_darkmatter(DarkMatterConfig(**{**cfg.__dict__, "seed": 1}), runs, tmp_path / "out",
+                       progress=False, log=lambda *_: None)
 
 
 @pytest.mark.usefixtures("one_thread")

@@ -71,3 +71,38 @@ def test_ce_loss_recovered_endpoints():
     assert ablated["ce_loss_recovered"] == 0.0 and ablated["kl_score"] == 0.0
     mean_abl = ce_metrics(2.0, 4.0, 6.0, 4.0, 1.0, 3.0, 1.0)
     assert mean_abl["ce_loss_recovered_mean_ablation"] == 0.0
+
+
+def test_ce_metrics_interior_values_against_the_formulas():
+    # §13.2 by hand (float64 fractions), at points that are not endpoints: a formula with the
+    # wrong reference loss, a swapped sign or a mean/zero mix-up gives another number here
+    clean, sae, zero, mean = 3.0, 3.5, 9.0, 5.0
+    kl_sae, kl_zero, kl_mean = 0.25, 4.0, 2.0
+    m = ce_metrics(clean, sae, zero, mean, kl_sae, kl_zero, kl_mean)
+    assert m["ce_loss_recovered"] == pytest.approx(5.5 / 6.0, rel=1e-12)  # (9-3.5)/(9-3)
+    assert m["ce_loss_recovered_mean_ablation"] == pytest.approx(1.5 / 2.0, rel=1e-12)
+    assert m["delta_lm_loss"] == pytest.approx(0.5, rel=1e-12)
+    assert m["kl_score"] == pytest.approx(3.75 / 4.0, rel=1e-12)
+    assert m["kl_score_mean_ablation"] == pytest.approx(1.75 / 2.0, rel=1e-12)
+    # an SAE worse than zero-ablating the layer recovers a negative fraction
+    worse = ce_metrics(3.0, 10.0, 9.0, 5.0, 5.0, 4.0, 2.0)
+    assert worse["ce_loss_recovered"] == pytest.approx(-1 / 6, rel=1e-12)
+    assert worse["kl_score"] == pytest.approx(-0.25, rel=1e-12)
+    # no gap between clean and ablated: undefined, reported as NaN rather than a fake number
+    flat = ce_metrics(3.0, 3.2, 3.0, 3.0, 0.1, 0.0, 0.0)
+    assert flat["ce_loss_recovered"] != flat["ce_loss_recovered"]
+    assert flat["kl_score"] != flat["kl_score"]
+
+
+def test_reconstruction_metrics_against_a_float64_per_row_loop():
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(301, 6, generator=g) * 3 + 1
+    xh = 0.9 * x + 0.3 * torch.randn(301, 6, generator=g)
+    f = torch.relu(torch.randn(301, 10, generator=g) - 0.5)
+    out = _pooled(x, xh, f, chunks=5).compute()
+    xd, xhd = x.double(), xh.double()
+    cos = [torch.dot(xd[i], xhd[i]) / (xd[i].norm() * xhd[i].norm()) for i in range(301)]
+    l0 = [int((f[i] != 0).sum()) for i in range(301)]
+    assert out["cosine_similarity"] == pytest.approx(float(sum(cos) / 301), rel=1e-5)
+    assert out["l0"] == pytest.approx(sum(l0) / 301, rel=1e-9)
+    assert out["mse"] == pytest.approx(float(((xd - xhd) ** 2).mean()), rel=1e-5)

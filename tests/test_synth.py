@@ -208,15 +208,13 @@ LEARN = SynthConfig(data=SyntheticDataOptions(d=16, n_features=32, mean_active=2
                     out="unused")
 
 # Families whose default sparsity setting does not fit this data get one that does. These are
-# hyperparameters, not bounds: the assertions are the same for every family.
+# hyperparameters, not bounds: the assertions are the same for every family. (JumpReLU's
+# target_l0 loss is the benchmark's own setting now, synth.SYNTH_SETTINGS.)
 LEARN_OVERRIDES = {
     # default lambda 5.0 (tuned on LM activations) shrinks codes so much that FVU stays ~0.85
     # although the dictionary is recovered; lambda 2 gives L0 ~5 and FVU ~0.3
     "relu": {"l1_coefficient": 2.0},
-    # the default l0 penalty (lambda 0.004) leaves L0 ~12 for a true L0 of 2 and the decoder at
-    # chance; the target_l0 loss aims at the true L0 (k, set by the benchmark)
-    "jumprelu": {"options.sparsity_loss": "target_l0"},
-    # biases adapt once per 40,960 tokens by default: twice in this 102,400-token run
+    # biases adapt once per 4,096 tokens by default: 25 times in this 102,400-token run
     "gba": {"options.buffer_tokens": 2048, "options.gamma_minus": 0.05, "options.gamma_plus": 0.05},
 }
 
@@ -226,11 +224,10 @@ LEARN_OVERRIDES = {
 # This is the method, not a bug: the selection and the loss gradients match brute-force float64
 # references, an independent reimplementation of the reference code (per-token standardised)
 # behaves the same, and the reference's own logged GPT-2 runs end at L0 ~2,000 of 12,288
-# (saes/topafa.py, "Known behaviour").
+# (saes/topafa.py, "Known behaviour"; docs/methods.md §10.5).
 KNOWN_FAILURES = {
     "topafa": "top-AFA learns dense codes, as in the reference runs (L0 ~20 vs 2)",
 }
-
 
 
 @pytest.fixture(scope="module")
@@ -259,3 +256,42 @@ def test_every_family_learns_the_ground_truth(arch, learn_data, one_thread):
     assert rec["fvu"] < 0.5, summary
     # (no MCC bound: with 2x superposition, dense latents of an untrained SAE already match the
     # codes at MCC ~0.5, so only best-cos has a clean chance level)
+
+
+# ---- every family at the `saelab synth` defaults (issue 9 A.5) ---------------------------------
+# The full default benchmark (d 32, 128 true features, true L0 4, 256 latents, 1M samples in
+# batches of 256 = 3,906 steps, each family's own defaults plus the benchmark's settings): mean
+# best cosine >= 0.8 for every family. Not a reduced budget: at 976 steps (batch 1024) batchtopk,
+# matryoshka, jumprelu and gba were still below 0.8, so a smaller run would test a different
+# claim. One family per test; slow (tens of seconds each on 2 CPU cores).
+SYNTH_DEFAULT_KNOWN_FAILURES = {
+    "topafa": "top-AFA learns dense codes at the synth defaults (L0 ~75 of 256, best-cos at "
+              "chance ~0.47; docs/methods.md §10.5)",
+}
+
+
+def _default_params():
+    for name in sorted(architectures(trainable_only=True)):
+        marks = [pytest.mark.slow]
+        if name in SYNTH_DEFAULT_KNOWN_FAILURES:
+            marks.append(pytest.mark.xfail(strict=True, reason=SYNTH_DEFAULT_KNOWN_FAILURES[name]))
+        yield pytest.param(name, marks=marks, id=name)
+
+
+@pytest.fixture(scope="module")
+def default_data():
+    cfg = SynthConfig(out="unused")
+    data = SyntheticData(cfg.data, seed=cfg.seed)
+    return cfg, data, data.heldout(cfg.eval_tokens)
+
+
+@pytest.mark.parametrize("arch", list(_default_params()))
+def test_every_family_recovers_the_features_at_the_synth_defaults(arch, default_data, one_thread):
+    cfg, data, held = default_data
+    k = max(1, round(data.true_l0))
+    rec = train_family(arch, cfg, data, held, k=k, progress=False)
+    chance = random_baseline(cfg.d_sae, data, signed=rec["abs_matching"])["mean_best_cos"]
+    summary = {key: round(rec[key], 3) for key in ("l0", "fvu", "mean_best_cos",
+                                                   "frac_recovered", "dead_fraction")}
+    assert chance < 0.55, chance  # the bound below is far above a random dictionary
+    assert rec["mean_best_cos"] >= 0.8, summary

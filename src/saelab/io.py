@@ -238,7 +238,8 @@ def load_sae(
     # Build on the meta device: no memory is allocated before the real tensors are assigned.
     sae = family(sae_cfg, device="meta", dtype=target_dtype)
     _check_tensors(sae, tensors, weights_path)
-    state = {k: t.to(target_dtype) for k, t in tensors.items()}
+    # floating tensors take the target dtype; integer ones (e.g. ITDA atom labels) keep theirs
+    state = {k: t.to(target_dtype) if t.is_floating_point() else t for k, t in tensors.items()}
     sae.load_state_dict(state, assign=True)
     # Non-persistent buffers (training-only state) are not in the file: materialise as zeros.
     for module in sae.modules():

@@ -299,7 +299,13 @@ def _fit_without_gradients(sae, cfg: RunConfig, store, scale: float, device, pro
     total = n_batches * cfg.train.batch_size
     t0 = time.perf_counter()
     with torch.no_grad():
-        sae.fit_from_batches(batches(), total, progress)
+        if getattr(sae, "wants_labelled_rows", False):
+            # families that label what they keep (itda) read the store in order, labelled
+            sae.fit_from_store(store, total, scale=scale, progress=progress, log=log,
+                               drop_positions_below=cfg.data.exclude_first_positions)
+            total = int(getattr(sae, "build_stats", {}).get("build_tokens", total))
+        else:
+            sae.fit_from_batches(batches(), total, progress)
     secs = time.perf_counter() - t0
     log(f"fitted {sae.architecture} from {total:,} rows in {secs:.1f} s")
     return TrainResult(n_batches, total, secs, total / secs if secs > 0 else 0.0, {})

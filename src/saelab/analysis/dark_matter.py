@@ -443,11 +443,13 @@ def run_darkmatter(cfg: DarkMatterConfig, runs: list[Path], out: Path,
     seconds["rows"] = time.perf_counter() - t0
     log(f"darkmatter: {N:,} held-out rows ({n_fit:,} fit, {N - n_fit:,} eval) from {store.path}")
     kw = {"intercept": cfg.fit_intercept, "chunk_rows": cfg.chunk_rows, "device": device}
+    done = _finished_parts(out, cfg, runs)
     results: dict[str, Any] = {
         "config": asdict(cfg), "runs": [str(r) for r in runs], "store": str(store.path),
         "hook": store.hook, "model": store.model, "n_rows": N, "n_fit": n_fit,
         "sae": {"path": str(target.sae_dir), "architecture": sae.cfg.architecture,
                 "d_sae": sae.d_sae, "d_in": sae.d_in},
+        "seconds": seconds,
     }
 
     # 1. decomposition
@@ -488,15 +490,23 @@ def run_darkmatter(cfg: DarkMatterConfig, runs: list[Path], out: Path,
         }
     seconds["scaling"] = time.perf_counter() - t0
 
+    save = _saver(out, results)
+    save()
+
     # 3. downstream CE
-    if cfg.ce_windows > 0:
+    if "ce" in done:
+        results["ce"] = done["ce"]
+    elif cfg.ce_windows > 0:
         t0 = time.perf_counter()
         results["ce"] = _ce_part(lm.get(), target, sae, dec, cfg.ce_windows, device)
         results["ce"]["variance_share_nonlinear"] = dec.metrics["nonlinear_share_of_error"]
         seconds["ce"] = time.perf_counter() - t0
+        save()
 
     # 4. SAEs trained on the parts
-    if cfg.parts_tokens > 0:
+    if "trained_on_parts" in done:
+        results["trained_on_parts"] = done["trained_on_parts"]
+    elif cfg.parts_tokens > 0:
         t0 = time.perf_counter()
         k = max(1, int(round(dec.metrics["l0"])))
         fit_parts = core.part_rows(x, fn, dec, slice(0, n_fit), cfg.chunk_rows, device)
@@ -511,9 +521,12 @@ def run_darkmatter(cfg: DarkMatterConfig, runs: list[Path], out: Path,
             parts[f"fvu_{name}"] = core.fvu_of(s, ev_parts[name], cfg.chunk_rows)
         results["trained_on_parts"] = parts
         seconds["trained_on_parts"] = time.perf_counter() - t0
+        save()
 
     # 5. gradient pursuit
-    if cfg.gp_tokens > 0:
+    if "gradient_pursuit" in done:
+        results["gradient_pursuit"] = done["gradient_pursuit"]
+    elif cfg.gp_tokens > 0:
         t0 = time.perf_counter()
         n_gp = min(N, cfg.gp_tokens)
         # the map needs more fitting rows than dimensions: take at least 2·d_in when there
@@ -531,9 +544,12 @@ def run_darkmatter(cfg: DarkMatterConfig, runs: list[Path], out: Path,
             / max(before.metrics["fvu_nonlinear"], 1e-30),
         }
         seconds["gradient_pursuit"] = time.perf_counter() - t0
+        save()
 
     # 6. linear maps from other components
-    if src_runs:
+    if "component_maps" in done:
+        results["component_maps"] = done["component_maps"]
+    elif src_runs:
         t0 = time.perf_counter()
         sources = {"self": (x, fn, dec)}
         for name, r in src_runs.items():
@@ -547,16 +563,43 @@ def run_darkmatter(cfg: DarkMatterConfig, runs: list[Path], out: Path,
         seconds["component_maps"] = time.perf_counter() - t0
 
     seconds["total"] = time.perf_counter() - t_start
-    results["seconds"] = seconds
     claims = claims_table(results)
     res = DarkMatterOutput(str(out), results, claims)
-    (out / "darkmatter.json").write_text(json.dumps(_jsonable(asdict(res)), indent=1))
     if cfg.plots:
         from saelab.analysis._dark_matter_plots import write_plots
 
         results["plots"] = write_plots(results, dec, n_fit, out)
-        (out / "darkmatter.json").write_text(json.dumps(_jsonable(asdict(res)), indent=1))
+    from saelab.fsutil import atomic_write_json
+
+    atomic_write_json(out / "darkmatter.json", _jsonable(asdict(res)))
     return res
+
+
+_REUSABLE = ("ce", "trained_on_parts", "gradient_pursuit", "component_maps")
+
+
+def _finished_parts(out: Path, cfg: DarkMatterConfig, runs: list[Path]) -> dict:
+    """Parts 3-6 of an earlier (possibly interrupted) run into ``out`` with the same config and
+    runs: reused instead of recomputed (parts 1-2 are cheap and always recomputed)."""
+    path = out / "darkmatter.json"
+    try:
+        prev = json.loads(path.read_text())["results"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return {}
+    same = (prev.get("config") == _jsonable(asdict(cfg))
+            and prev.get("runs") == [str(r) for r in runs])
+    return {k: prev[k] for k in _REUSABLE if same and k in prev}
+
+
+def _saver(out: Path, results: dict):
+    """Write the results so far (``darkmatter.json`` without the claims table), so that an
+    interrupted analysis keeps its finished parts."""
+    from saelab.fsutil import atomic_write_json
+
+    def save() -> None:
+        atomic_write_json(out / "darkmatter.json", _jsonable({"path": str(out),
+                                                              "results": results, "claims": []}))
+    return save
 
 
 def _jsonable(obj):

@@ -759,7 +759,7 @@ def build_dashboard(run: str | Path, out: str | Path, cfg: DashboardConfig,
     self-contained file) and, with ``cfg.write_json``, ``DIR/features/<i>.json``."""
     from saelab.config import HarvestConfig
     from saelab.data.store import ActivationStore
-    from saelab.fsutil import atomic_write_bytes, atomic_write_json
+    from saelab.fsutil import atomic_write_bytes, json_safe
     from saelab.io import load_sae
     from saelab.models.loading import load_model
     from saelab.report.html import dashboard_html
@@ -811,7 +811,10 @@ def build_dashboard(run: str | Path, out: str | Path, cfg: DashboardConfig,
         fdir = out / FEATURES_DIR
         fdir.mkdir(exist_ok=True)
         for rec in recs:
-            atomic_write_json(fdir / f"{rec['index']}.json", feature_json(rec, meta, data.n_rows))
+            # compact: an indented file puts every context value on its own line
+            text_js = json.dumps(json_safe(feature_json(rec, meta, data.n_rows)),
+                                 separators=(",", ":"), ensure_ascii=False)
+            atomic_write_bytes(fdir / f"{rec['index']}.json", text_js.encode())
     data.seconds["write"] = time.perf_counter() - t0
     data.seconds["total"] = time.perf_counter() - t_all
     return DashboardResult(html, fdir, len(recs), data.n_rows, data.seconds)

@@ -108,27 +108,40 @@ def _pick(c_BM: Tensor, nonneg: bool, n_atoms: int) -> tuple[Tensor, Tensor]:
     v_BJL = c_BM.view(B, M // BLOCK, BLOCK)
     hi_BJ = v_BJL.amax(dim=2)
     score_BJ = hi_BJ if nonneg else torch.maximum(hi_BJ, v_BJL.amin(dim=2).neg_())
-    j_B = score_BJ.argmax(dim=1)
-    rows_B = torch.arange(B, device=c_BM.device)
-    seg_BL = v_BJL[rows_B, j_B]
-    w_B = (seg_BL if nonneg else seg_BL.abs()).argmax(dim=1)
+    j_B = _argmax_rows(score_BJ)
+    flat = torch.arange(B, device=c_BM.device) * (M // BLOCK) + j_B
+    seg_BL = c_BM.view(B * (M // BLOCK), BLOCK).index_select(0, flat)
+    w_B = _argmax_rows(seg_BL if nonneg else seg_BL.abs())
     a_B = seg_BL.gather(1, w_B[:, None]).squeeze(1)
     if nonneg:
         a_B = a_B.clamp_min(0)
     return (j_B * BLOCK + w_B).clamp_max_(n_atoms - 1), a_B
 
 
+def _argmax_rows(v_BL: Tensor) -> Tensor:
+    """``v_BL.argmax(1)`` (first maximum) from vectorised reductions only: on CPUs an
+    index-returning reduction costs many times an ``amax`` over the same data."""
+    L = v_BL.shape[1]
+    if v_BL.device.type != "cpu":
+        return v_BL.argmax(dim=1)
+    rev_L = torch.arange(L, 0, -1, dtype=torch.int32, device=v_BL.device)
+    hit = torch.where(v_BL == v_BL.amax(dim=1, keepdim=True), rev_L, 0).amax(dim=1)
+    return (L - hit.long()).clamp_(0, L - 1)  # all-NaN rows: no hit, clamped
+
+
 def padded_width(n_atoms: int) -> int:
     return -(-n_atoms // BLOCK) * BLOCK
 
 
-def padded_gram(atoms_ND: Tensor) -> Tensor:
+def padded_gram(atoms_ND: Tensor, dtype: torch.dtype | None = None) -> Tensor:
     """``D Dᵀ`` with zero columns up to a multiple of ``BLOCK``: the form the Gram path reads
-    (pass this, not :func:`gram_matrix`, to skip a copy per call)."""
+    (pass this, not :func:`gram_matrix`, to skip a copy per call). ``dtype``: store it in
+    another dtype, e.g. bfloat16 to halve the memory traffic of the per-step row reads (the
+    correlations stay in the atoms' dtype; picks then follow a Gram rounded to 8 bits)."""
     N = atoms_ND.shape[0]
     out = atoms_ND.new_zeros(N, padded_width(N))
     torch.matmul(atoms_ND, atoms_ND.T, out=out[:, :N]) if N else None
-    return out
+    return out if dtype is None or dtype == out.dtype else out.to(dtype)
 
 
 def _correlations(x_BD: Tensor, atoms_ND: Tensor) -> Tensor:
@@ -142,14 +155,24 @@ def _mp_gram(x_BD, atoms_ND, k, nonneg, gram_NM, idx_BK, coef_BK, recon_BD) -> N
     N = atoms_ND.shape[0]
     c_BM = _correlations(x_BD, atoms_ND)
     rows_BM = torch.empty_like(c_BM)  # reused: no allocation per step
+    # a Gram kept in another dtype (bf16: half the bytes per row read) is read into its own
+    # buffer and cast, since mixed-dtype in-place arithmetic is slow on CPUs
+    cast_BM = None if gram_NM.dtype == c_BM.dtype else c_BM.new_empty(c_BM.shape,
+                                                                        dtype=gram_NM.dtype)
     for t in range(k):
         i_B, a_B = _pick(c_BM, nonneg, N)
         idx_BK[:, t] = i_B
         coef_BK[:, t] = a_B
-        torch.index_select(gram_NM, 0, i_B, out=rows_BM)
+        if cast_BM is None:
+            torch.index_select(gram_NM, 0, i_B, out=rows_BM)
+        else:
+            rows_BM.copy_(torch.index_select(gram_NM, 0, i_B, out=cast_BM))
         c_BM.addcmul_(rows_BM, a_B[:, None], value=-1.0)
-    # sum_t a_t D[i_t] as one batched [1, k] x [k, D] product per row
-    recon_BD.copy_(torch.bmm(coef_BK[:, None, :], atoms_ND[idx_BK]).squeeze(1))
+    # sum_t a_t D[i_t], accumulated step by step: gathering all k atoms at once would build a
+    # [B, k, D] temporary (k times the inputs' size)
+    recon_BD.zero_()
+    for t in range(k):
+        recon_BD.addcmul_(atoms_ND.index_select(0, idx_BK[:, t]), coef_BK[:, t, None])
 
 
 def _mp_residual(x_BD, atoms_ND, k, nonneg, _gram, idx_BK, coef_BK, recon_BD) -> None:

@@ -84,10 +84,10 @@ class TopKOptions(AuxKOptions):
                  "average for batchtopk/mutual_choice/feature_choice/matryoshka).")
     multi_topk: bool = opt(False, "topk only: add the Multi-TopK term L(4k)/8 (§4.2).")
     encoder_init_scale: float = opt(
-        1.0, "W_enc = scale x W_dec^T at init (the spec's tied init, §4.4, is 1: unit-norm "
-        "encoder columns). [U] knob: on synthetic data 0.25-0.5 recovered the true features "
-        "far better for topk and the batch-level families, and 0.5 lowered FVU slightly on "
-        "SmolLM2 activations (README Results); one seed, so the default stays 1.")
+        0.5, "W_enc = scale x W_dec^T at init (the spec's tied init, §4.3, is 1: unit-norm "
+        "encoder columns). [U] default 0.5: on saelab synth it recovered the true features far "
+        "better than 1 for topk and the batch-level families, and it lowered FVU slightly on "
+        "SmolLM2 layer-6 activations (docs/methods.md §4.3).")
     threshold_beta: float = opt(
         0.999, "EMA factor of the inference threshold of batchtopk / mutual_choice / "
         "matryoshka / feature_choice (§4.8, §6.5); a running mean until 1/(1-beta) estimates.")

@@ -109,7 +109,7 @@ class SAE(nn.Module):
         #: optimiser steps of the whole run (set by the trainer; 0 = unknown)
         self.total_steps = 0
         #: a latent fires when |activation| > this (dead-latent tracking, §0.5; set by the
-        #: trainer from TrainConfig.dead_eps)
+        #: trainer from TrainConfig.dead_activation_eps)
         self.dead_eps = 0.0
 
     # ---- configuration -------------------------------------------------------------------

@@ -42,10 +42,15 @@ Choices where the spec is silent (all options or documented defaults):
   and every group still fired on ~19% of tokens, against TAFs of 0.001–0.1); with E‖x‖² = 1
   the biases stayed within −0.2 and the high-TAF groups came close to their targets. The
   update rates are scale-free (γ·r).
-- ``buffer_tokens`` 16,384 rather than the reimplementation's 40,960 [U]: since
+- ``buffer_tokens`` 4,096 rather than the reimplementation's 40,960 [U]: since
   ``r_m = max h + b_m``, each update moves an over-firing latent's threshold a fraction γ− of
   the way to the window's largest projection, so reaching a TAF takes ~50–100 updates; 40,960
-  allows only ~50 in the default 2M-token run.
+  allows only ~50 in the default 2M-token run, and the biases must settle early enough for the
+  decoder to learn the features the settled latents fire on. On ``saelab synth`` (1M samples)
+  16,384 (61 updates) ended at L0 11.5 for a true L0 of 4 and best-cos 0.57 (chance 0.48);
+  4,096 (244 updates) at L0 ~3–4 and best-cos 0.72 (batch 1,024) / 0.88 (batch 256). At 4,096
+  tokens a latent at the lowest TAF (0.001) still expects ~4 firings per window, enough to tell
+  over-firing from on-target. LM check: docs/methods.md §8.4.
 - Init: tied Kaiming-uniform with unit rows (§0.7), ``b_dec`` from the data, b = 0 (= b_max:
   every latent starts dense and the adaptation raises thresholds).
 - Loss: the batch-normalised MSE (batch FVU, as the library's TopK) rather than the per-token
@@ -78,10 +83,11 @@ class GBAOptions:
     htf: float = opt(0.1, "Highest target activation frequency.")
     ltf: float = opt(0.001, "Lowest target activation frequency.")
     buffer_tokens: int = opt(
-        16_384, "Tokens between bias updates (N_buf). The reimplementation's 40,960 [U] gives "
+        4_096, "Tokens between bias updates (N_buf). The reimplementation's 40,960 [U] gives "
         "only ~50 updates in a 2M-token run; an over-firing latent needs ~50-100 (each update "
         "moves its threshold a fraction gamma_minus of the way to the window's largest "
-        "pre-activation).")
+        "pre-activation), and the biases must settle early enough for the decoder to follow "
+        "(docs/methods.md §8.4).")
     gamma_minus: float = opt(0.01, "Rate at which over-firing latents' biases fall.")
     gamma_plus: float = opt(0.01, "Rate at which (almost) dead latents' biases rise.")
     dead_eps: float = opt(1e-6, "Firing frequency below which a latent counts as dead.")

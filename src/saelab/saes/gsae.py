@@ -22,6 +22,9 @@ the LM loss most, to first order, weighted against their size (§7.2)::
   ``|d_i · ĝ| ≤ ‖ĝ‖`` (≈ 1), so β = 1 rescales a latent's score by at most about 2x.
 - Loss, init, decoder norm and AuxK as TopK (§7.3 [U]): batch FVU + α·AuxK (dead latents chosen
   by pre-activation), tied init, unit-norm decoder (N1). Training needs g (``uses_lm_grads``).
+  Training is sparse as TopK's: score and selection run on a detached π and only the chosen
+  ``ReLU(π)`` entries are re-attached (``SparsePreActs``), so the encoder backward costs B·k·D
+  (``sparse_encoder_grad = False`` restores autograd through the dense π).
 
 Inference (§7.5 [U]): ``encode(x, grad=g)`` is the g-SAE selection; ``encode(x)`` without a
 gradient falls back to plain TopK on z, which is *not* the training-time selection (it ignores
@@ -47,7 +50,7 @@ from saelab.errors import ConfigError
 from saelab.saes._topk_base import TopKBaseSAE, TopKOptions
 from saelab.saes.base import LossOutput, SAEOutput
 from saelab.saes.registry import register
-from saelab.saes.sparse import SparseCode, topk_per_token
+from saelab.saes.sparse import SparseCode, SparsePreActs, attach_grad, topk_per_token
 
 GRAD_NORMS = ("none", "per_token_l2", "batch_mean_l2")
 
@@ -137,11 +140,16 @@ class GradientSAE(TopKBaseSAE):
             raise ConfigError(
                 "gsae trains on LM-loss gradients beside the activations: stream a store made "
                 "with `saelab harvest --with-grads` (batches of (x, grad))")
-        pre_BF = self.pre_acts(x_BD)
-        code = self.select_with_grad(pre_BF, grad_BD)
+        pre: Tensor | SparsePreActs
+        if self.sparse_encoder_grad:  # select on a detached π, re-attach the chosen entries
+            pre = self.sparse_pre_acts(x_BD)
+            code = attach_grad(pre, self.select_with_grad(pre.dense, grad_BD))
+        else:
+            pre = self.pre_acts(x_BD)
+            code = self.select_with_grad(pre, grad_BD)
         recon_BD = code.decode(self.W_dec) + self.b_dec
         nmse = self.recon_loss(recon_BD, x_BD)
-        aux = self.aux_loss(pre_BF, x_BD - recon_BD, dead_mask_F, x_BD)
+        aux = self.aux_loss(pre, x_BD - recon_BD, dead_mask_F, x_BD)
         total = nmse + self.cfg.options.aux_coefficient * aux
         return LossOutput(total, {"nmse": nmse, "auxk": aux}, None, recon_BD,
                           fired_F=self.fired_latents(code), l0=code.l0(x_BD.shape[0]))

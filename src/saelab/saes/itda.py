@@ -163,6 +163,9 @@ class ITDA(SAE):
     defaults: ClassVar[dict[str, Any]] = {"normalize_activations": "none",
                                           "b_dec_init": "zeros", "apply_b_dec_to_input": False}
     unit_norm_decoder = True
+    #: the pipeline calls :meth:`fit_from_store` (store rows in order, labelled) instead of
+    #: streaming it shuffled, unlabelled batches
+    wants_labelled_rows: ClassVar[bool] = True
 
     def __init__(self, cfg, device=None, dtype=torch.float32, options: ITDAOptions | None = None):
         if options is not None:
@@ -193,9 +196,10 @@ class ITDA(SAE):
 
     def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
         # load_sae casts every tensor to the float dtype; labels are integers (exact < 2^24)
+        # (io.load_sae keeps integer dtypes; files written by older code hold float labels)
         state = dict(state_dict)
         for name in (*LABELS, "itda_k", "itda_nonneg"):
-            if name in state:
+            if name in state and state[name].is_floating_point():
                 state[name] = state[name].round().long()
         out = super().load_state_dict(state, strict=strict, assign=assign)
         if "itda_k" in state and not state["itda_k"].is_meta:
@@ -285,6 +289,30 @@ class ITDA(SAE):
         self.build_stats = {"build_tokens": used, "build_seconds": time.perf_counter() - t0,
                             "atoms": atoms.n}
 
+    @torch.no_grad()
+    def fit_from_store(self, store, total_rows: int, *, scale: float = 1.0,
+                       drop_positions_below: int = 0, progress: bool = False,
+                       tokenizer: Any = None, log=print) -> None:
+        """Build from ``store``'s rows in order (at most one pass, ``total_rows`` rows), keeping
+        each atom's window, position and token, then its document and character span (from
+        the store's corpus settings and ``tokenizer``, default: the store model's)."""
+        rows = iter_store_rows(store, self.options.batch_rows,
+                               drop_positions_below=drop_positions_below,
+                               device=self.W_dec.device, dtype=self.W_dec.dtype,
+                               max_rows=total_rows)
+        scaled = (r._replace(acts=r.acts * scale) if scale != 1.0 else r for r in rows)
+        self.fit_from_batches(scaled, min(total_rows, store.num_rows), progress)
+        try:
+            if tokenizer is None:
+                from saelab.config import ModelConfig
+                from saelab.models.loading import load_tokenizer
+
+                tokenizer = load_tokenizer(ModelConfig(model=store.spec.model_spec))
+            self.attach_char_spans(store_char_spans(store, tokenizer, self.atom_window.tolist()),
+                                   check_tokens=True)
+        except Exception as e:  # labels are a convenience: the dictionary stands without them
+            log(f"note: itda atoms keep no document/char spans ({type(e).__name__}: {e})")
+
     def _add(self, atoms: _Growing, labels: _Growing, gram: _Growing | None, new_MD: Tensor,
              lab_M3: Tensor) -> _Growing | None:
         if len(new_MD) == 0:
@@ -326,19 +354,56 @@ class ITDA(SAE):
             setattr(self, name, torch.full((n,), -1, dtype=torch.long, device=atoms_ND.device))
 
     @torch.no_grad()
-    def attach_char_spans(self, spans_by_window: dict[int, tuple[Tensor, Tensor, Tensor]]) -> None:
-        """Fill ``atom_doc``/``atom_char_*`` from ``{window id: (doc_T, start_T, end_T)}`` (see
-        :func:`saelab.data.windows.window_char_spans`)."""
+    def attach_char_spans(self, spans_by_window: dict[int, tuple[Tensor, ...]],
+                          check_tokens: bool = False) -> None:
+        """Fill ``atom_doc``/``atom_char_*`` from ``{window id: (doc_T, start_T, end_T)}`` or
+        ``{window id: (tokens_T, doc_T, start_T, end_T)}`` (see :func:`store_char_spans`).
+        ``check_tokens``: raise if a window's token at an atom's position is not the atom's
+        token (the windows are not the store's)."""
         for a in range(self.d_sae):
             w, p = int(self.atom_window[a]), int(self.atom_pos[a])
             if w in spans_by_window and p >= 0:
-                doc, start, end = spans_by_window[w]
+                cols = spans_by_window[w]
+                if len(cols) == 4:
+                    tokens, *cols = cols
+                    if check_tokens and int(tokens[p]) != int(self.atom_token[a]):
+                        raise ValueError(f"window {w} position {p} holds token {int(tokens[p])}"
+                                         f", the atom token {int(self.atom_token[a])}: these "
+                                         "are not the store's windows")
+                doc, start, end = cols
                 self.atom_doc[a], self.atom_char_start[a], self.atom_char_end[a] = (
                     int(doc[p]), int(start[p]), int(end[p]))
 
     def atom_labels(self) -> list[dict[str, int]]:
         cols = [getattr(self, n).tolist() for n in LABELS]
         return [dict(zip(LABELS, vals, strict=True)) for vals in zip(*cols, strict=True)]
+
+
+def store_char_spans(store, tokenizer: Any, windows: Iterable[int]
+                     ) -> dict[int, tuple[Tensor, Tensor, Tensor, Tensor]]:
+    """``{window id: (tokens_T, doc_T, char_start_T, char_end_T)}`` for the given global window
+    ids of ``store``: its corpus windows re-cut, in order, with the tokenizer's offsets."""
+    from saelab.config import DataConfig
+    from saelab.data.corpus import iter_documents
+    from saelab.data.windows import iter_window_char_spans
+
+    want = {int(w) for w in windows if int(w) >= 0}
+    if not want:
+        return {}
+    spec = store.spec
+    data = DataConfig(dataset=spec.dataset, text_column=spec.text_column,
+                      context_size=spec.context_size, prepend_bos=spec.prepend_bos,
+                      eval_fraction=spec.eval_fraction)
+    out: dict[int, tuple[Tensor, Tensor, Tensor, Tensor]] = {}
+    last = max(want)
+    spans = iter_window_char_spans(iter_documents(data, spec.split), tokenizer,
+                                   spec.context_size, spec.prepend_bos)
+    for w, cols in enumerate(spans):
+        if w in want:
+            out[w] = cols
+        if w >= last:
+            break
+    return out
 
 
 def _options_of(cfg) -> ITDAOptions:

@@ -9,8 +9,8 @@ from torch import Tensor
 class DeadLatentTracker:
     """Counts, per latent, training tokens since it last fired (``|activation| > eps``).
 
-    ``eps`` is ``TrainConfig.dead_eps`` (``--dead-eps``): 0 by default (any nonzero activation,
-    the spec's definition, §0.5); the OpenAI TopK code counts a latent as firing only above
+    ``eps`` is ``TrainConfig.dead_activation_eps`` (``--dead-activation-eps``): 0 by default
+    (any nonzero activation, the spec's definition, §0.5); the OpenAI TopK code counts a latent as firing only above
     1e-3 [C]. Families that report ``fired_F`` themselves apply the same ``eps``
     (``SAE.fired_latents`` / ``SAE.fired_dense``).
 

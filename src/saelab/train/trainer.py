@@ -84,8 +84,8 @@ class Trainer:
             eps=cfg.adam_eps, **_adam_impl(self.device),
         )
         self.dead = DeadLatentTracker(sae.d_sae, cfg.dead_window(), self.device,
-                                      eps=cfg.dead_eps)
-        sae.dead_eps = cfg.dead_eps  # families that report fired_F themselves apply it
+                                      eps=cfg.dead_activation_eps)
+        sae.dead_eps = cfg.dead_activation_eps  # families that report fired_F themselves apply it
         self.step = 0
         self._wandb = _init_wandb(cfg, sae) if cfg.wandb_project and self.is_main else None
 
@@ -191,20 +191,10 @@ class Trainer:
         sae, cfg = self.sae, self.cfg
         if self.autocast_dtype is None:
             out = sae.loss(x_BD, self.step, dead_mask_F=self.dead.dead_mask(), grad_BD=grad_BD)
+            self.opt.zero_grad(set_to_none=True)
+            out.total.backward()
         else:
-            try:
-                with torch.autocast(self.device.type, dtype=self.autocast_dtype):
-                    out = sae.loss(x_BD, self.step, dead_mask_F=self.dead.dead_mask(),
-                                   grad_BD=grad_BD)
-            except RuntimeError as e:  # a custom kernel that is not autocast-aware
-                if "type" not in str(e):
-                    raise
-                raise ConfigError(
-                    f"--autocast {cfg.autocast} is not supported by {sae.architecture} (its "
-                    f"kernels mix dtypes under autocast: {str(e).splitlines()[0][:120]}); "
-                    "use --autocast off") from None
-        self.opt.zero_grad(set_to_none=True)
-        out.total.backward()
+            out = self._autocast_loss_backward(x_BD, grad_BD)
         if self.world > 1:
             dist.all_reduce_mean_grads_(self.named_params.values())
         if sae.unit_norm_decoder:
@@ -229,6 +219,23 @@ class Trainer:
             self.dead.update_fired(out.fired_F, x_BD.shape[0])
         else:
             self.dead.update(out.latents.detach())
+        return out
+
+    def _autocast_loss_backward(self, x_BD: Tensor, grad_BD: Tensor | None):
+        sae = self.sae
+        self.opt.zero_grad(set_to_none=True)
+        try:
+            with torch.autocast(self.device.type, dtype=self.autocast_dtype):
+                out = sae.loss(x_BD, self.step, dead_mask_F=self.dead.dead_mask(),
+                               grad_BD=grad_BD)
+            out.total.backward()
+        except RuntimeError as e:  # a custom kernel that is not autocast-aware
+            if "type" not in str(e):
+                raise
+            raise ConfigError(
+                f"--autocast {self.cfg.autocast} is not supported by {sae.architecture} (its "
+                f"kernels mix dtypes under autocast: {str(e).splitlines()[0][:100]}); use "
+                "--autocast off") from None
         return out
 
     # ---- logging ------------------------------------------------------------------------------
