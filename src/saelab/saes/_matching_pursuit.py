@@ -108,25 +108,14 @@ def _pick(c_BM: Tensor, nonneg: bool, n_atoms: int) -> tuple[Tensor, Tensor]:
     v_BJL = c_BM.view(B, M // BLOCK, BLOCK)
     hi_BJ = v_BJL.amax(dim=2)
     score_BJ = hi_BJ if nonneg else torch.maximum(hi_BJ, v_BJL.amin(dim=2).neg_())
-    j_B = _argmax_rows(score_BJ)
+    j_B = score_BJ.argmax(dim=1)
     flat = torch.arange(B, device=c_BM.device) * (M // BLOCK) + j_B
     seg_BL = c_BM.view(B * (M // BLOCK), BLOCK).index_select(0, flat)
-    w_B = _argmax_rows(seg_BL if nonneg else seg_BL.abs())
+    w_B = (seg_BL if nonneg else seg_BL.abs()).argmax(dim=1)
     a_B = seg_BL.gather(1, w_B[:, None]).squeeze(1)
     if nonneg:
         a_B = a_B.clamp_min(0)
     return (j_B * BLOCK + w_B).clamp_max_(n_atoms - 1), a_B
-
-
-def _argmax_rows(v_BL: Tensor) -> Tensor:
-    """``v_BL.argmax(1)`` (first maximum) from vectorised reductions only: on CPUs an
-    index-returning reduction costs many times an ``amax`` over the same data."""
-    L = v_BL.shape[1]
-    if v_BL.device.type != "cpu":
-        return v_BL.argmax(dim=1)
-    rev_L = torch.arange(L, 0, -1, dtype=torch.int32, device=v_BL.device)
-    hit = torch.where(v_BL == v_BL.amax(dim=1, keepdim=True), rev_L, 0).amax(dim=1)
-    return (L - hit.long()).clamp_(0, L - 1)  # all-NaN rows: no hit, clamped
 
 
 def padded_width(n_atoms: int) -> int:

@@ -69,6 +69,7 @@ class Trainer:
         self.progress, self.on_log = progress and self.is_main, on_log
         self.device = sae.W_dec.device
         self.autocast_dtype = resolve_autocast(cfg.autocast, self.device)
+        self._probe_pending = self.autocast_dtype is not None and cfg.autocast == "auto"
         self.total_steps = cfg.total_steps
         sae.sparsity_warmup_steps = sparsity_warmup_steps(self.total_steps, cfg.l1_warmup_fraction)
         sae.total_steps = self.total_steps
@@ -190,11 +191,12 @@ class Trainer:
     def _train_step(self, x_BD: Tensor, grad_BD: Tensor | None = None):
         sae, cfg = self.sae, self.cfg
         if self.autocast_dtype is None:
-            out = sae.loss(x_BD, self.step, dead_mask_F=self.dead.dead_mask(), grad_BD=grad_BD)
-            self.opt.zero_grad(set_to_none=True)
-            out.total.backward()
+            out = self._plain_loss_backward(x_BD, grad_BD)
         else:
-            out = self._autocast_loss_backward(x_BD, grad_BD)
+            if self._probe_pending:
+                self._probe_autocast(x_BD, grad_BD)
+            out = (self._autocast_loss_backward(x_BD, grad_BD) if self.autocast_dtype
+                   else self._plain_loss_backward(x_BD, grad_BD))
         if self.world > 1:
             dist.all_reduce_mean_grads_(self.named_params.values())
         if sae.unit_norm_decoder:
@@ -220,6 +222,31 @@ class Trainer:
         else:
             self.dead.update(out.latents.detach())
         return out
+
+    def _plain_loss_backward(self, x_BD: Tensor, grad_BD: Tensor | None):
+        out = self.sae.loss(x_BD, self.step, dead_mask_F=self.dead.dead_mask(), grad_BD=grad_BD)
+        self.opt.zero_grad(set_to_none=True)
+        out.total.backward()
+        return out
+
+    def _probe_autocast(self, x_BD: Tensor, grad_BD: Tensor | None) -> None:
+        """``--autocast auto``: try one step's loss and backward under autocast on a copy of the
+        SAE (the real one and its state are untouched); fall back to float32 if the family's
+        kernels refuse mixed dtypes."""
+        import copy
+
+        self._probe_pending = False
+        probe = copy.deepcopy(self.sae)
+        try:
+            with torch.autocast(self.device.type, dtype=self.autocast_dtype):
+                out = probe.loss(x_BD, self.step, dead_mask_F=self.dead.dead_mask(),
+                                 grad_BD=grad_BD)
+            out.total.backward()
+        except RuntimeError as e:
+            if "type" not in str(e):
+                raise
+            self.autocast_dtype = None
+        del probe
 
     def _autocast_loss_backward(self, x_BD: Tensor, grad_BD: Tensor | None):
         sae = self.sae
@@ -324,8 +351,10 @@ AUTOCAST_MODES = ("off", "bf16", "auto")
 def resolve_autocast(mode: str, device: torch.device) -> torch.dtype | None:
     """The autocast dtype of the SAE forward/backward, or None for plain float32.
 
-    ``auto`` picks bf16 where bf16 matmuls are fast and measured to win (CUDA with bf16), and
-    off elsewhere: on a CPU without AMX bf16 is emulated and slower than float32."""
+    ``auto`` picks bf16 where the hardware multiplies bf16 natively (CUDA with bf16; CPUs with
+    AVX512-BF16 or AMX, as oneDNN reports) and off elsewhere (emulated bf16 is slower than
+    float32); a family whose kernels are not autocast-aware then trains in float32 (see
+    :meth:`Trainer._probe_autocast`)."""
     mode = (mode or "off").strip().lower()
     if mode not in AUTOCAST_MODES:
         raise ConfigError(f"unknown --autocast {mode!r}: choose one of {', '.join(AUTOCAST_MODES)}")
@@ -335,7 +364,16 @@ def resolve_autocast(mode: str, device: torch.device) -> torch.dtype | None:
         return torch.bfloat16
     if device.type == "cuda" and torch.cuda.is_bf16_supported():
         return torch.bfloat16
+    if device.type == "cpu" and _cpu_has_native_bf16():
+        return torch.bfloat16
     return None
+
+
+def _cpu_has_native_bf16() -> bool:
+    try:  # private torch helper: absent on some builds
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except Exception:
+        return False
 
 
 def _adam_impl(device: torch.device) -> dict[str, bool]:
