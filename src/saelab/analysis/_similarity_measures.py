@@ -33,6 +33,30 @@ def linear_cka(X_ND: Tensor, Y_NE: Tensor) -> float:
     return float(num / den) if den > 0 else 0.0
 
 
+def centred_gram(X_ND: Tensor) -> Tensor:
+    """``Xc Xcᵀ`` of the column-centred representation (the doubly centred linear kernel;
+    float32 product, its sums are taken in float64 by :func:`cka_from_grams`)."""
+    Xc = X_ND.float() - X_ND.float().mean(0, keepdim=True)
+    return Xc @ Xc.T
+
+
+def cka_from_grams(Kx_NN: Tensor, Ky_NN: Tensor) -> float:
+    """Linear CKA from two :func:`centred_gram` kernels: ``<Kx, Ky> / (‖Kx‖ ‖Ky‖)`` (equals
+    :func:`linear_cka`; with precomputed kernels a pair costs ``N²``, not ``N·D·E``)."""
+    num = (Kx_NN.double() * Ky_NN.double()).sum()
+    den = Kx_NN.double().norm() * Ky_NN.double().norm()
+    return float(num / den) if den > 0 else 0.0
+
+
+def relative_vectors(X_ND: Tensor, n_anchors: int = 300, seed: int = 0) -> Tensor:
+    """Unit relative vectors ``[N, A]`` (cosines to the random anchor inputs, normalised) of
+    :func:`relative_similarity`; the anchors depend only on ``N`` and ``seed``."""
+    n = X_ND.shape[0]
+    anchors = torch.randperm(n, generator=torch.Generator().manual_seed(seed))[: min(n_anchors, n)]
+    Zn = torch.nn.functional.normalize(X_ND.double(), dim=1)
+    return torch.nn.functional.normalize(Zn @ Zn[anchors].T, dim=1)
+
+
 def svcca(X_ND: Tensor, Y_NE: Tensor, n_components: int = 20) -> float:
     """SVCCA (Raghu et al. 2017): keep each side's top ``n_components`` singular directions,
     then the mean canonical correlation between the two reduced representations."""
@@ -58,15 +82,8 @@ def relative_similarity(X_ND: Tensor, Y_NE: Tensor, n_anchors: int = 300, seed: 
     """Relative representations (Moschella et al. 2023), as in the ITDA reference code: each
     input becomes its cosines to the same random anchor inputs in each space; the score is the
     mean cosine between an input's two relative vectors."""
-    n = X_ND.shape[0]
-    g = torch.Generator().manual_seed(seed)
-    anchors = torch.randperm(n, generator=g)[: min(n_anchors, n)]
-
-    def rel(Z: Tensor) -> Tensor:
-        Zn = torch.nn.functional.normalize(Z.double(), dim=1)
-        return torch.nn.functional.normalize(Zn @ Zn[anchors].T, dim=1)
-
-    return float((rel(X_ND) * rel(Y_NE)).sum(1).mean())
+    Rx, Ry = relative_vectors(X_ND, n_anchors, seed), relative_vectors(Y_NE, n_anchors, seed)
+    return float((Rx * Ry).sum(1).mean())
 
 
 def align_token_ends(ends_a: Tensor, ends_b: Tensor) -> tuple[Tensor, Tensor]:
