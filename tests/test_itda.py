@@ -106,3 +106,52 @@ def test_save_load_roundtrip(tmp_path):
         assert getattr(back, name).dtype == torch.long
         assert torch.equal(getattr(back, name), getattr(sae, name))
     torch.testing.assert_close(back(x[:20].float()).recon, sae(x[:20].float()).recon)
+
+
+def test_integer_labels_survive_save_load_exactly(tmp_path):
+    """io keeps integer tensors' dtype: a label beyond float32's exact range comes back."""
+    from saelab.io import load_sae, save_sae
+
+    x, _ = _planted(16, K=40, seed=5)
+    big = 2**40 + 3  # float32 would round this
+    rows = LabelledRows(x.float(), window=torch.full((len(x),), big), pos=torch.arange(len(x)),
+                        token=torch.arange(len(x)))
+    sae = _itda(16, dtype=torch.float32, k=3, delta=1e-3, batch_rows=64)
+    sae.fit_from_batches([rows], len(x))
+    save_sae(sae, tmp_path / "itda")
+    from safetensors.torch import load_file
+
+    assert load_file(tmp_path / "itda" / "sae_weights.safetensors")["atom_window"].dtype == (
+        torch.int64)
+    back = load_sae(tmp_path / "itda")
+    assert int(back.atom_window[0]) == big and back.atom_window.dtype == torch.long
+
+
+def test_pipeline_builds_itda_from_labelled_store_rows(tiny, tmp_path):
+    """`saelab train --arch itda`: the store is read in order with its labels, and every atom
+    carries its document and character span, which decode to the atom's token."""
+    import saelab
+    from saelab.config import DataConfig, EvalConfig, ModelConfig, RunConfig, TrainConfig
+    from saelab.data.corpus import iter_documents
+    from saelab.models.loading import load_tokenizer
+    from saelab.pipeline import train_run
+
+    lm, corpus = tiny
+    data = DataConfig(dataset=str(corpus), context_size=16)
+    cfg = RunConfig(
+        model=ModelConfig(model=str(lm), hook="blocks.1.hook_resid_post", device="cpu",
+                          model_dtype="float32"),
+        data=data, sae=SAEConfig(architecture="itda", d_sae=1,
+                                 options=ITDAOptions(k=4, delta=1e-3, batch_rows=64)),
+        train=TrainConfig(tokens=600, batch_size=100), eval=EvalConfig(200, 2),
+        out=str(tmp_path / "run"))
+    summary = train_run(cfg, progress=False, log=lambda *_: None)
+    assert summary.metrics["fvu"] < 1.0
+    sae = saelab.load_sae(tmp_path / "run")
+    assert sae.architecture == "itda" and sae.d_sae > 64  # bootstrap (d_in 64) plus failures
+    docs = list(iter_documents(data, "train"))
+    tok = load_tokenizer(cfg.model)
+    assert (sae.atom_window >= 0).all() and (sae.atom_doc >= 0).all()
+    for a in range(sae.d_sae):
+        text = docs[int(sae.atom_doc[a])][int(sae.atom_char_start[a]):int(sae.atom_char_end[a])]
+        assert tok.decode([int(sae.atom_token[a])]).strip() == text.strip()

@@ -95,3 +95,22 @@ def test_normalised_error_reference():
     xh = torch.tensor([[1.0, 0.0]], dtype=torch.float64)
     # x/|x| = (0.6, 0.8); mean((0.6-1)^2, 0.8^2) = (0.16 + 0.64) / 2
     torch.testing.assert_close(normalised_error(x, xh), torch.tensor([0.4], dtype=torch.float64))
+
+
+def test_low_precision_gram_keeps_a_consistent_decomposition():
+    """A bf16 Gram (half the bytes per step) still returns recon = sum of coef x atom, and
+    its residual is about as small as exact MP's."""
+    from saelab.saes._matching_pursuit import padded_gram
+
+    g = torch.Generator().manual_seed(3)
+    D = torch.nn.functional.normalize(torch.randn(300, 24, generator=g), dim=1)
+    x = torch.randn(50, 2, generator=g) @ D[:2] * 3 + 0.05 * torch.randn(50, 24, generator=g)
+    exact = matching_pursuit(x, D, 6, gram_NN=padded_gram(D))
+    low = matching_pursuit(x, D, 6, gram_NN=padded_gram(D, torch.bfloat16))
+    naive = torch.zeros_like(x)
+    for b in range(len(x)):
+        for t in range(6):
+            naive[b] += low.coef_BK[b, t] * D[low.idx_BK[b, t]]
+    torch.testing.assert_close(low.recon_BD, naive, rtol=1e-5, atol=1e-5)
+    err = lambda r: (x - r.recon_BD).norm(dim=1).mean()  # noqa: E731
+    assert err(low) < 1.5 * err(exact) + 1e-3 and err(low) < 0.2 * x.norm(dim=1).mean()

@@ -101,24 +101,36 @@ def test_window_char_spans_match_windows(tiny_tokenizer):
                 assert tiny_tokenizer.decode([int(w[t])]).strip() == piece.strip()
 
 
-def test_similarity_of_a_model_with_itself_end_to_end(tiny, tmp_path):
-    """`saelab similarity` on the tiny LM given twice (two spellings, so it is loaded and its
+def test_similarity_of_a_model_with_itself_end_to_end(tiny, tiny_tokenizer, tmp_path):
+    """`saelab similarity` on a tiny LM given twice (two spellings, so it is loaded and its
     ITDAs built twice): every measure matches each layer to itself, files are written."""
     import json
 
+    from transformers import LlamaConfig, LlamaForCausalLM
+
     from saelab.analysis.similarity import MEASURES, SimilarityConfig, run
 
-    lm, corpus = tiny
+    _, corpus = tiny
+    # a large init, so that every block changes the residual stream (at the usual 0.02 the
+    # random model's layers are near copies of the embeddings and no measure can tell them apart)
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(
+        vocab_size=300, hidden_size=64, intermediate_size=128, num_hidden_layers=4,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
+        bos_token_id=1, eos_token_id=2, initializer_range=0.5))
+    lm = tmp_path / "lm"
+    model.save_pretrained(lm)
+    tiny_tokenizer.save_pretrained(lm)
     cfg = SimilarityConfig(models=[str(lm), str(lm) + "/"], dataset=str(corpus), split="train",
-                           documents=16, context_size=24, k=4, delta=1e-4, anchors=40,
-                           svcca_components=8, device="cpu", model_dtype="float32")
+                           documents=16, context_size=24, k=8, delta=2e-3, itda_batch_rows=32,
+                           anchors=40, svcca_components=8, device="cpu", model_dtype="float32")
     res = run(cfg, [], tmp_path / "sim", progress=False)
     assert res.layers == [[0, 1, 2, 3], [0, 1, 2, 3]] and res.aligned_positions > 100
     for m in MEASURES:
         mat = torch.tensor(res.matrices[m])
         assert torch.allclose(mat.diagonal(), torch.ones(4, dtype=mat.dtype), atol=1e-5), m
         off = mat.masked_fill(torch.eye(4, dtype=torch.bool), -1.0)
-        assert (off.amax(1) < mat.diagonal() - 1e-4).all(), (m, mat)
+        assert (off.amax(1) < mat.diagonal() - 1e-3).all(), (m, mat)
         assert res.best_match[m] == [0, 1, 2, 3] and res.mean_depth_error[m] == 0.0
     saved = json.loads((tmp_path / "sim" / "similarity.json").read_text())
     assert saved["matrices"]["cka"] == res.matrices["cka"]

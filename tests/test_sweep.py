@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import csv
+import io
 import json
 import shutil
 from pathlib import Path
@@ -10,16 +12,33 @@ from pathlib import Path
 import pytest
 import torch
 
+import saelab
 import saelab.sweep.run as sweep_mod
 from saelab.cli import main
 from saelab.config import DataConfig, EvalConfig, HarvestConfig, ModelConfig, SAEConfig
-from saelab.sweep import csv_columns
+from saelab.evals.evaluate import EvalBaseline, EvalContext, evaluate
+from saelab.harvest import harvest
+from saelab.models.hooks import parse_hook
+from saelab.models.loading import load_model
+from saelab.saes.registry import build_sae
 from saelab.train.trainer import Trainer
 
 HOOK = "blocks.1.hook_resid_post"
 PNGS = ("pareto_fvu.png", "pareto_ce.png", "pareto_delta_lm.png")
 GRID = ("--arch", "topk,relu", "--levels", "topk=4,8", "--levels", "relu=5,1")
 RUNS = ("topk-k-4", "topk-k-8", "relu-l1_coefficient-5", "relu-l1_coefficient-1")
+#: (family, level parameter, level) of each run of GRID, in order
+GRID_RUNS = (("topk", "k", 4.0), ("topk", "k", 8.0), ("relu", "l1_coefficient", 5.0),
+             ("relu", "l1_coefficient", 1.0))
+#: sweep.csv's metric columns, written out by hand: CSV column -> metrics.json key
+CSV_METRICS = {
+    "l0": "l0", "fvu": "fvu", "ce_loss_recovered": "ce_loss_recovered",
+    "ce_loss_recovered_mean_ablation": "ce_loss_recovered_mean_ablation",
+    "delta_lm_loss": "delta_lm_loss", "kl_score": "kl_score",
+    "gamma": "relative_reconstruction_bias", "dead_fraction": "dead_fraction",
+    "dense_fraction_1pct": "dense_fraction_1pct",
+    "train_tokens_per_second": "train_tokens_per_second",
+}
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -36,8 +55,6 @@ def _model_cfg(tiny) -> ModelConfig:
 
 @pytest.fixture(scope="module")
 def store(tiny, tmp_path_factory) -> Path:
-    from saelab.harvest import harvest
-
     path = tmp_path_factory.mktemp("store") / "s"
     harvest(HarvestConfig(model=_model_cfg(tiny), data=DataConfig(dataset=str(tiny[1]),
                                                                    context_size=16),
@@ -58,9 +75,6 @@ def sweep_args(tiny, store: Path, out: Path, *extra: str) -> list[str]:
 def finished(tiny, store, tmp_path_factory) -> tuple[Path, str]:
     """A finished 2 families x 2 levels sweep and what it printed."""
     out = tmp_path_factory.mktemp("sweep") / "grid"
-    import contextlib
-    import io
-
     buf = io.StringIO()
     with contextlib.redirect_stdout(buf):
         assert main(sweep_args(tiny, store, out, *GRID)) == 0
@@ -75,14 +89,21 @@ def _files(run_dir: Path) -> dict[str, tuple[int, bytes]]:
 def test_grid_writes_runs_csv_json_plots_and_table(finished):
     out, printed = finished
     rows = list(csv.DictReader((out / "sweep.csv").open()))
-    assert list(rows[0]) == csv_columns()
+    assert list(rows[0]) == ["family", "param", "level", "run", *CSV_METRICS, "seconds"]
     # --levels replaced the families' default levels (topk 16,32,64; relu 10,5,2.5)
     assert [r["run"] for r in rows] == [f"runs/{n}" for n in RUNS]
-    for r in rows:
-        for col in csv_columns():
-            assert r[col] != "", (r["run"], col)  # every metric measured, CE included
     data = json.loads((out / "sweep.json").read_text())
     assert [r["run"] for r in data["runs"]] == [r["run"] for r in rows] and not data["pending"]
+    for r, name, (family, param, level), js in zip(rows, RUNS, GRID_RUNS, data["runs"], strict=True):
+        assert (r["family"], r["param"].split(".")[-1], float(r["level"])) == (
+            family, param, level)
+        # each row is the run's own metrics.json, read back (every metric measured, CE too)
+        saved = json.loads((out / "runs" / name / "metrics.json").read_text())
+        for col, key in CSV_METRICS.items():
+            assert r[col] != "" and float(r[col]) == saved[key], (name, col)
+        assert float(r["seconds"]) == pytest.approx(saved["train_seconds"]
+                                                    + saved["eval_seconds"])
+        assert js["metrics"] == saved
     for name in PNGS:
         assert (out / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     for name in RUNS:
@@ -94,34 +115,41 @@ def test_grid_writes_runs_csv_json_plots_and_table(finished):
     assert by_run["runs/topk-k-8"]["metrics"]["l0"] <= 8 + 1e-9
     assert by_run["runs/relu-l1_coefficient-5"]["level"] == 5.0
     assert "run 4/4: relu l1_coefficient=1" in printed and "CE rec" in printed
-    assert printed.count("\nrelu l1_coefficient=") == 2  # the final table has every run
+    final_table = printed.rsplit("sweep: 4 runs finished", 1)[1].splitlines()
+    assert [ln.split("  ")[0] for ln in final_table if ln.startswith(("topk ", "relu "))] == [
+        "topk k=4", "topk k=8", "relu l1_coefficient=5", "relu l1_coefficient=1"]
 
 
 def test_sweep_metrics_equal_a_fresh_single_run_evaluate(tiny, finished):
-    """The sweep's shared baseline gives exactly what evaluate() gives for one saved SAE."""
-    import saelab
-    from saelab.evals.evaluate import evaluate
-    from saelab.models.hooks import parse_hook
-    from saelab.models.loading import load_model
-
+    """The sweep's shared baseline gives exactly what evaluate() gives for one saved SAE, and
+    its FVU and L0 match a naive float64 reference on the LM's own hidden states."""
     out, _ = finished
     lm = load_model(_model_cfg(tiny))
     hook = parse_hook(HOOK, lm.n_layers)
-    data = DataConfig(dataset=str(tiny[1]), context_size=16)
+    data, ecfg = DataConfig(dataset=str(tiny[1]), context_size=16), EvalConfig(300, 4)
+    windows_NT = EvalContext.build(lm, hook, data, ecfg, progress=False,
+                                   with_lm=False).windows_NT
+    # SAEBench core protocol: every position but special tokens (BOS) is scored
+    keep_NT = ~torch.isin(windows_NT, torch.tensor(lm.tokenizer.all_special_ids))
+    with torch.no_grad():  # resid_post of block 1 is hidden state 2 (0 is the embeddings)
+        hidden = lm.model(windows_NT, output_hidden_states=True).hidden_states[2]
+    x_ND = hidden[keep_NT].double()
     for name in ("topk-k-8", "relu-l1_coefficient-1"):
         saved = json.loads((out / "runs" / name / "metrics.json").read_text())
-        res = evaluate(saelab.load_sae(out / "runs" / name), lm, hook, data,
-                       EvalConfig(eval_tokens=300, ce_windows=4), progress=False)
+        sae = saelab.load_sae(out / "runs" / name)
+        res = evaluate(sae, lm, hook, data, ecfg, progress=False)
         for key, value in res.metrics.items():
             assert saved[key] == value, (name, key)
+        with torch.no_grad():
+            f_NF = sae.encode(x_ND.float())
+            err = (x_ND - sae.decode(f_NF).double()).pow(2).sum()
+        assert saved["fvu"] == pytest.approx(
+            (err / (x_ND - x_ND.mean(0)).pow(2).sum()).item(), rel=1e-4), name
+        assert saved["l0"] == pytest.approx((f_NF != 0).sum(-1).double().mean().item(),
+                                            rel=1e-4), name
 
 
 def test_shared_baseline_equals_per_run_evaluate_and_saves_forwards(tiny):
-    from saelab.evals.evaluate import EvalBaseline, evaluate
-    from saelab.models.hooks import parse_hook
-    from saelab.models.loading import load_model
-    from saelab.saes.registry import build_sae
-
     lm = load_model(_model_cfg(tiny))
     hook = parse_hook(HOOK, lm.n_layers)
     data, ecfg = DataConfig(dataset=str(tiny[1]), context_size=16), EvalConfig(300, 12)

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from saelab.config import (
+    VERSION,
     DataConfig,
     EvalConfig,
     HarvestConfig,
@@ -24,7 +25,7 @@ from saelab.config import (
 )
 from saelab.errors import SaelabError
 
-__version__ = "0.1.0"
+__version__ = VERSION
 
 __all__ = [
     "DataConfig", "EvalConfig", "HarvestConfig", "ModelConfig", "RunConfig", "SAEConfig",

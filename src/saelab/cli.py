@@ -8,19 +8,33 @@ from __future__ import annotations
 import argparse
 import errno
 import json
+import os
 import sys
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import NoReturn
 
 import saelab
+from saelab import dist
 from saelab.analysis.registry import analyses
 from saelab.cliargs import add_dataclass_args, build, given
-from saelab.config import EvalConfig, HarvestConfig, RunConfig
-from saelab.errors import SaelabError
+from saelab.config import EvalConfig, HarvestConfig, RunConfig, SweepConfig, SynthConfig
+from saelab.data.interop import export_saelens
+from saelab.errors import ConfigError, SaelabError
+from saelab.evals.registry import parse_evals
+from saelab.harvest import harvest_hooks
+from saelab.pipeline import evaluate_run, train_run
+from saelab.report.dashboard import DashboardConfig, build_dashboard
+from saelab.report.run_report import write_report
+from saelab.report.table import summary_table
 from saelab.saes.registry import architectures, family_file, validate_sae_config
+from saelab.steer import SteerConfig, steer_run, steer_table
+from saelab.sweep import run_sweep
+from saelab.synth import run_synth, synth_table
+from saelab.train.distributed import launched_by_torchrun, relaunch, shutdown
 
 EXIT_USER_ERROR = 2
+_ARGV: list[str] = []  # the command line of the running `main` call
 # errors of the file system the user controls (not bugs): printed as one line, exit 2
 _ENV_ERRNOS = {errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOSPC, errno.EDQUOT,
                errno.ENOTDIR, errno.EISDIR, errno.ENAMETOOLONG}
@@ -95,9 +109,6 @@ def _version() -> str:
 
 def _add_view_parsers(sub) -> None:
     """`dashboard`, `report`, `steer`: look at a trained SAE's latents and runs."""
-    from saelab.report.dashboard import DashboardConfig
-    from saelab.steer import SteerConfig
-
     d = sub.add_parser(
         "dashboard", help="feature dashboard of a run: one self-contained HTML + JSON per latent",
         description="Scan held-out activation rows and write DIR/dashboard.html (index of "
@@ -142,8 +153,6 @@ def _add_analysis_parsers(sub) -> None:
 
 
 def _add_synth_parser(sub) -> None:
-    from saelab.config import SynthConfig
-
     s = sub.add_parser(
         "synth", help="benchmark SAE families on synthetic data with a known dictionary",
         description="Generate activations from a known dictionary (Zipf feature frequencies, "
@@ -157,8 +166,6 @@ def _add_synth_parser(sub) -> None:
 
 
 def _add_sweep_parser(sub) -> None:
-    from saelab.config import SweepConfig
-
     s = sub.add_parser(
         "sweep", help="train SAE families at several sparsity levels on one store; Pareto plots",
         description="Train every family in --arch at each of its sparsity levels (the family's "
@@ -187,8 +194,6 @@ def archs_table() -> str:
 
 def _dispatch_view(args: argparse.Namespace, progress: bool) -> int:
     if args.verb == "dashboard":
-        from saelab.report.dashboard import DashboardConfig, build_dashboard
-
         cfg = build(DashboardConfig, args)
         out = Path(args.view_out) if args.view_out else Path(args.run) / "dashboard"
         res = build_dashboard(Path(args.run), out, cfg, progress=progress)
@@ -197,11 +202,8 @@ def _dispatch_view(args: argparse.Namespace, progress: bool) -> int:
               + (f"\nfeature JSON: {res.features_dir}/" if res.features_dir else ""))
         return 0
     if args.verb == "report":
-        from saelab.report.run_report import write_report
-
         print(f"report: {write_report(Path(args.run))}")
         return 0
-    from saelab.steer import SteerConfig, steer_run, steer_table
 
     cfg = build(SteerConfig, args)
     rows, max_act = steer_run(Path(args.run), cfg)
@@ -211,7 +213,8 @@ def _dispatch_view(args: argparse.Namespace, progress: bool) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    args.argv = list(sys.argv[1:] if argv is None else argv)  # for `train --nproc` relaunch
+    global _ARGV
+    _ARGV = list(sys.argv[1:] if argv is None else argv)  # for `train --nproc` relaunch
     try:
         return _dispatch(args)
     except SaelabError as e:
@@ -241,30 +244,22 @@ def _dispatch(args: argparse.Namespace) -> int:
         print(archs_table())
         return 0
     if args.verb == "train":
-        from saelab.pipeline import train_run
-        from saelab.report.table import summary_table
-
         cfg = build(RunConfig, args)
         cfg.validate()
         validate_sae_config(cfg.sae)
-        from saelab.train.distributed import launched_by_torchrun, relaunch
 
         if cfg.train.nproc > 1 and not launched_by_torchrun():
             if not cfg.store and not cfg.resume:
-                from saelab.errors import ConfigError
-
                 raise ConfigError("--nproc needs an existing activation store: harvest one "
                                   "with `saelab harvest --out STORE ...` and pass --store STORE")
-            return relaunch(args.argv, cfg.train.nproc)
-        if cfg.resume:
+            return relaunch(_ARGV, cfg.train.nproc)
+        if cfg.resume and os.environ.get("RANK", "0") == "0":  # once, not per torchrun rank
             ignored = sorted(given(args) - {"out", "resume", "quiet", "verb"})
             if ignored:
                 print(f"note: a resumed run keeps its saved config; ignoring "
                       f"{', '.join('--' + k.split('.')[-1].replace('_', '-') for k in ignored)}",
                       file=sys.stderr)
         summary = train_run(cfg, progress=progress)
-        from saelab import dist
-        from saelab.train.distributed import shutdown
 
         main_rank = dist.is_main()
         shutdown()  # no collectives after training (rank 0 evaluates alone)
@@ -276,8 +271,6 @@ def _dispatch(args: argparse.Namespace) -> int:
               f"metrics.json, metrics.jsonl, feature_density.png)")
         return 0
     if args.verb == "harvest":
-        from saelab.harvest import harvest_hooks
-
         cfg = build(HarvestConfig, args)
         cfg.validate()
         for store in harvest_hooks(cfg, progress=progress).values():
@@ -285,18 +278,12 @@ def _dispatch(args: argparse.Namespace) -> int:
                   f"hook {store.hook}  model {store.model}")
         return 0
     if args.verb == "export-store":
-        from saelab.data.interop import export_saelens
-
         out = export_saelens(args.store, args.export_out, progress=progress)
         print(f"wrote {out} ({args.export_format} layout)")
         return 0
     if args.verb == "eval":
-        from saelab.pipeline import evaluate_run
-        from saelab.report.table import summary_table
-
         ecfg = build(EvalConfig, args)
         ecfg.validate()
-        from saelab.evals.registry import parse_evals
 
         names = parse_evals(args.evals, skip_ce=args.skip_ce)
         metrics = evaluate_run(Path(args.run), ecfg, skip_ce=args.skip_ce, progress=progress,
@@ -305,9 +292,6 @@ def _dispatch(args: argparse.Namespace) -> int:
         print(json.dumps({k: metrics[k] for k in ("l0", "fvu") if k in metrics}))
         return 0
     if args.verb == "sweep":
-        from saelab.config import SweepConfig
-        from saelab.sweep import run_sweep
-
         cfg = build(SweepConfig, args)
         cfg.validate()
         result = run_sweep(cfg, progress=progress)
@@ -318,9 +302,6 @@ def _dispatch(args: argparse.Namespace) -> int:
               f"pareto_ce.png, pareto_delta_lm.png, runs/)")
         return 1 if result.failed else 0
     if args.verb == "synth":
-        from saelab.config import SynthConfig
-        from saelab.synth import run_synth, synth_table
-
         cfg = build(SynthConfig, args)
         cfg.validate()
         res = run_synth(cfg, progress=progress)

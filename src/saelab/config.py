@@ -17,6 +17,8 @@ from typing import Any
 from saelab.errors import ConfigError
 
 EMBEDDED = "embedded"
+#: the package version (pyproject.toml holds the same); `saelab.__version__`
+VERSION = "0.1.0"
 
 
 def opt(default: Any, help: str, flag: str | None = None, choices: tuple | None = None,
@@ -586,6 +588,11 @@ class SweepConfig(PipelineConfig):
     overwrite: bool = opt(
         False, "Replace the sweep in --out (all its runs) instead of continuing it; needed when "
         "it was made with other settings.")
+    lockstep: bool = opt(
+        True, "Train the runs that share a store, batch sequence and input scale together, many "
+        "SAEs per pass: each batch is read, shuffled and normalised once and every SAE of the "
+        "group steps on it (same weights as one run at a time). --no-lockstep trains them one "
+        "after another.")
 
     # the families of --arch / --levels are checked against the registry by saelab.sweep
     # (registry.resolve_families)

@@ -12,6 +12,7 @@ from __future__ import annotations
 import copy
 import hashlib
 import json
+import os
 import shutil
 import time
 from collections.abc import Iterator
@@ -20,10 +21,26 @@ from pathlib import Path
 
 import torch
 
-from saelab.config import HarvestConfig, RunConfig
-from saelab.errors import RunFolderError
+from saelab import dist
+from saelab.config import VERSION, DataConfig, HarvestConfig, ModelConfig, RunConfig
+from saelab.data.interop import open_store
+from saelab.data.stream import ActivationStream, estimate_norm_scale
+from saelab.errors import CheckpointError, ConfigError, RunFolderError, SAEFormatError, StoreError
+from saelab.evals.evaluate import ACT_BATCH_WINDOWS, CE_BATCH_WINDOWS, evaluate
+from saelab.evals.facts import RunFacts
+from saelab.evals.metrics import log10_density
+from saelab.evals.registry import metrics_of, parse_evals
+from saelab.evals.saebench import core_output
+from saelab.harvest import harvest
+from saelab.io import load_sae, read_metadata, saelens_cfg, save_sae
+from saelab.models.hooks import parse_hook
+from saelab.models.loading import load_model
+from saelab.report.plots import plot_density
 from saelab.runfolder import RUN_CONFIG, SAE_DIR, RunFolder
-from saelab.runtime import cache_root
+from saelab.runtime import cache_root, parse_dtype, resolve_device, tune_malloc
+from saelab.saes.registry import build_sae, get_family, validate_sae_config
+from saelab.train.distributed import init_from_env, prepare_ranks
+from saelab.train.trainer import Trainer, TrainResult
 
 __all__ = ["RUN_CONFIG", "SAE_DIR", "RunSummary", "default_store_path", "evaluate_and_save",
            "evaluate_run", "fit_sae", "prepare_run", "resolve_store", "train_run"]
@@ -43,8 +60,6 @@ def default_store_path(cfg: RunConfig, tokens: int) -> Path:
 
 def needs_lm_grads(cfg: RunConfig) -> bool:
     """True if the family trains on LM-loss gradients beside the activations (g-SAE)."""
-    from saelab.saes.registry import get_family
-
     return get_family(cfg.sae.architecture).uses_lm_grads
 
 
@@ -64,15 +79,10 @@ def prepare_run_dir(out: Path, resume: bool, overwrite: bool) -> None:
 
 def resolve_store(cfg: RunConfig, lm, hook_name: str, progress: bool):
     """Open ``cfg.store`` or harvest (or reuse) the cached store for this model/hook/corpus."""
-    from saelab.data.interop import open_store
-    from saelab.harvest import harvest
-
     grads = needs_lm_grads(cfg)
     if cfg.store:
         store = open_store(cfg.store, progress=progress)  # a saelab store or a SAELens dataset
         if grads and not store.has_grads:
-            from saelab.errors import StoreError
-
             raise StoreError(
                 f"{cfg.sae.architecture} trains on LM-loss gradients but store {cfg.store} has "
                 f"none: make one with `saelab harvest --with-grads`, or omit --store")
@@ -95,14 +105,6 @@ def train_run(cfg: RunConfig, progress: bool = True, log=print, *, lm=None, stor
     ``eval_baseline`` (an :class:`~saelab.evals.evaluate.EvalBaseline` for ``cfg``'s hook,
     data and eval settings).
     """
-    from saelab import dist
-    from saelab.evals.facts import RunFacts
-    from saelab.evals.registry import metrics_of
-    from saelab.models.hooks import parse_hook
-    from saelab.models.loading import load_model
-    from saelab.runtime import tune_malloc
-    from saelab.train.distributed import init_from_env, prepare_ranks
-
     out = Path(cfg.out)
     if init_from_env(cfg.model.device) and not dist.is_main():
         return _train_other_rank(cfg, out, store)
@@ -138,9 +140,6 @@ def check_memory(cfg: RunConfig, d_in: int) -> None:
     """Refuse an SAE whose parameters, gradients and Adam moments would not fit the device's
     memory (estimated before anything is allocated: a huge ``--d-sae`` would otherwise be
     killed by the OS or fill swap)."""
-    from saelab.errors import ConfigError
-    from saelab.runtime import parse_dtype, resolve_device
-
     device = resolve_device(cfg.model.device)
     itemsize = torch.empty((), dtype=parse_dtype(cfg.train.dtype)).element_size()
     # encoder + decoder, each with its gradient and two Adam moments; plus the latents of a batch
@@ -155,8 +154,6 @@ def check_memory(cfg: RunConfig, d_in: int) -> None:
 
 def device_memory(device: torch.device) -> int:
     """Total memory of ``device`` in bytes (0 if unknown)."""
-    import os
-
     if device.type == "cuda":
         return torch.cuda.get_device_properties(device).total_memory
     try:
@@ -168,10 +165,6 @@ def device_memory(device: torch.device) -> int:
 def _train_other_rank(cfg: RunConfig, out: Path, store=None) -> RunSummary:
     """A data-parallel rank > 0: train its slice of every batch and write nothing (rank 0
     prepares the folder, checks the store, writes checkpoints, evaluates and saves)."""
-    from saelab.data.interop import open_store
-    from saelab.runtime import tune_malloc
-    from saelab.train.distributed import prepare_ranks
-
     cfg = prepare_ranks(cfg, prepare_run)
     tune_malloc()
     store = store or open_store(cfg.store)  # a SAELens dataset: waits for rank 0's import
@@ -181,8 +174,6 @@ def _train_other_rank(cfg: RunConfig, out: Path, store=None) -> RunSummary:
 
 def prepare_run(cfg: RunConfig) -> RunConfig:
     """Check the run folder and the config; on ``resume``, return the run's saved config."""
-    from saelab.saes.registry import get_family
-
     run = RunFolder(Path(cfg.out))
     run.prepare(cfg.resume, cfg.overwrite)
     if cfg.resume:
@@ -193,32 +184,16 @@ def prepare_run(cfg: RunConfig) -> RunConfig:
     elif cfg.overwrite and run.is_unstarted():
         cfg.overwrite = False  # nothing to keep: train in place
     cfg.validate()
-    _validate_family(cfg)
+    validate_sae_config(cfg.sae)
     if not get_family(cfg.sae.architecture).trainable:
-        from saelab.errors import ConfigError
-
         raise ConfigError(f"architecture {cfg.sae.architecture!r} cannot be trained yet")
     return cfg
-
-
-def _validate_family(cfg: RunConfig) -> None:
-    """The family and its options (the registry's check, where it has one)."""
-    try:
-        from saelab.saes.registry import validate_sae_config
-    except ImportError:
-        return
-    validate_sae_config(cfg.sae)
 
 
 def fit_sae(cfg: RunConfig, store, out: Path, progress: bool = True, log=print):
     """Build the SAE, train it on ``store`` (resuming from ``out``'s checkpoint when
     ``cfg.resume``) and return ``(exported SAE on raw activations, TrainResult)``. A family
     with ``fit_from_batches`` is fitted from the batch stream instead of the trainer."""
-    from saelab.data.stream import ActivationStream, estimate_norm_scale
-    from saelab.runtime import parse_dtype, resolve_device
-    from saelab.saes.registry import build_sae
-    from saelab.train.trainer import Trainer
-
     log(f"store: {store.path} ({store.num_rows:,} rows, d_in {store.d_in})")
     if cfg.train.tokens > store.num_rows:
         log(f"note: the budget of {cfg.train.tokens:,} tokens is "
@@ -231,8 +206,6 @@ def fit_sae(cfg: RunConfig, store, out: Path, progress: bool = True, log=print):
     sae = build_sae(sae_cfg, device=device, dtype=parse_dtype(cfg.train.dtype), generator=gen)
     drop = cfg.data.exclude_first_positions
     scale = estimate_norm_scale(store, sae.cfg.normalize_activations, drop_positions_below=drop)
-
-    from saelab import dist
 
     run = RunFolder(out)
     resume = cfg.resume
@@ -252,8 +225,6 @@ def fit_sae(cfg: RunConfig, store, out: Path, progress: bool = True, log=print):
         run.repair_log()  # a kill mid-write may have truncated the log's last line
     start = trainer.resume() if resume else 0
     if start > trainer.total_steps:
-        from saelab.errors import CheckpointError
-
         raise CheckpointError(f"the checkpoint in {out} is at step {start}, beyond the run's "
                               f"{trainer.total_steps} steps: it belongs to another run; pass "
                               "--overwrite to train this one again")
@@ -280,9 +251,6 @@ def _fit_without_gradients(sae, cfg: RunConfig, store, scale: float, device, pro
     """Stream the training batches (the trainer's stream and input scale, ``tokens`` rows) to
     ``sae.fit_from_batches``; no checkpoints (such fits are not resumable: a resumed run
     fits again)."""
-    from saelab.data.stream import ActivationStream
-    from saelab.train.trainer import TrainResult
-
     n_batches = cfg.train.total_steps
     stream = ActivationStream(store, cfg.train.batch_size, cfg.train.shuffle_buffer_rows,
                               seed=cfg.train.seed, device=device,
@@ -330,13 +298,6 @@ def evaluate_and_save(sae, lm, hook, cfg: RunConfig, out: Path, progress: bool =
     sparsity and metrics) and write ``metrics.json`` once, including ``extra`` (training facts)
     and the metrics of ``keep`` that these evals did not measure: a run folder with
     ``metrics.json`` is finished."""
-    from saelab.evals.evaluate import evaluate
-    from saelab.evals.facts import RunFacts
-    from saelab.evals.metrics import log10_density
-    from saelab.evals.registry import metrics_of
-    from saelab.io import save_sae
-    from saelab.report.plots import plot_density
-
     run = RunFolder(out)
     t0 = time.perf_counter()
     res = evaluate(sae, lm, hook, cfg.data, cfg.eval, skip_ce=cfg.skip_ce, progress=progress,
@@ -358,17 +319,12 @@ def evaluate_and_save(sae, lm, hook, cfg: RunConfig, out: Path, progress: bool =
 
 def write_saebench_core(run: RunFolder, res, sae, lm, cfg: RunConfig, metrics: dict) -> Path:
     """``saebench_core.json`` beside ``metrics.json`` (SAEBench's core-eval output schema)."""
-    from saelab import __version__
-    from saelab.evals.evaluate import ACT_BATCH_WINDOWS, CE_BATCH_WINDOWS
-    from saelab.evals.saebench import core_output
-    from saelab.io import saelens_cfg
-
     dtype = str(next(lm.model.parameters()).dtype).removeprefix("torch.")
     out = core_output(metrics, sae, res.density_F, model_name=lm.name, llm_dtype=dtype,
                       dataset=cfg.data.dataset, context_size=cfg.data.context_size,
                       batch_windows=CE_BATCH_WINDOWS, n_ce_windows=res.n_ce_windows,
                       n_act_windows=res.n_windows, act_batch_windows=ACT_BATCH_WINDOWS,
-                      sae_cfg_dict=saelens_cfg(sae), saelab_version=__version__)
+                      sae_cfg_dict=saelens_cfg(sae), saelab_version=VERSION)
     return run.write_json(run.saebench_core_path.name, out)
 
 
@@ -389,12 +345,6 @@ def evaluate_run(path: Path, eval_cfg, skip_ce: bool = False, progress: bool = T
     """`saelab eval`: re-evaluate a run folder (or a saved SAE folder) on held-out data with
     ``evals`` (default: all). Training facts, and with a subset of the evals the metrics it does
     not re-measure, are kept from the run's earlier ``metrics.json``."""
-    from saelab.config import DataConfig, ModelConfig
-    from saelab.evals.registry import parse_evals
-    from saelab.io import load_sae, read_metadata
-    from saelab.models.hooks import parse_hook
-    from saelab.models.loading import load_model
-
     path = Path(path)
     run = RunFolder(path)
     names = parse_evals(",".join(evals) if evals else None)
@@ -411,8 +361,6 @@ def evaluate_run(path: Path, eval_cfg, skip_ce: bool = False, progress: bool = T
         meta = read_metadata(path).get("metadata", {})
         name = meta.get("model_name") or ""
         if not name or not meta.get("hook_name"):
-            from saelab.errors import SAEFormatError
-
             missing = "model_name" if not name else "hook_name"
             raise SAEFormatError(
                 f"{path}/cfg.json has no metadata.{missing}: saelab cannot tell which model and "
@@ -430,7 +378,6 @@ def evaluate_run(path: Path, eval_cfg, skip_ce: bool = False, progress: bool = T
         hook = parse_hook(cfg.model.hook, lm.n_layers)
         sae = load_sae(sae_dir, device=lm.device)
         if sae_dir == path:  # bare SAE folder: leave its weights alone, write metrics beside
-            from saelab.evals.evaluate import evaluate
 
             res = evaluate(sae, lm, hook, cfg.data, cfg.eval, skip_ce=skip_ce,
                            progress=progress, evals=names)

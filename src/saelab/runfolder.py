@@ -25,8 +25,12 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from saelab.errors import RunFolderError
+from saelab.config import RunConfig, check_types
+from saelab.errors import NotWritableError, RunFolderError, SaelabError
 from saelab.fsutil import atomic_write_bytes, atomic_write_json, fsync_dir, json_safe
+from saelab.locks import hold_lock
+from saelab.saes.registry import config_from_dict
+from saelab.train.checkpoint import checkpoint_dir
 
 RUN_CONFIG = "run_config.json"
 SAE_DIR = "sae"
@@ -74,8 +78,6 @@ class RunFolder:
 
     @property
     def checkpoint_dir(self) -> Path:
-        from saelab.train.checkpoint import checkpoint_dir
-
         return checkpoint_dir(self.path)
 
     # ---- state -----------------------------------------------------------------------------
@@ -128,12 +130,9 @@ class RunFolder:
 
     def load_config(self):
         """The run's RunConfig (old and new saved formats), its field types checked."""
-        from saelab.config import RunConfig, check_types
-        from saelab.errors import SaelabError
-
         data = self.read_config_dict()
         try:
-            cfg = _config_from_dict(RunConfig, data)
+            cfg = config_from_dict(RunConfig, data)  # old and new formats
             check_types(cfg)
         except (SaelabError, TypeError, ValueError, AttributeError, KeyError) as e:
             raise RunFolderError(f"{self.config_path} is damaged ({_first_line(e)}): fix it "
@@ -261,8 +260,6 @@ class RunFolder:
         """Hold the run folder's advisory lock (:func:`saelab.locks.hold_lock`, a file beside
         the folder) while ``what`` runs: a second process gets a one-line LockedError naming
         the holder's pid."""
-        from saelab.locks import hold_lock
-
         with hold_lock(self.path, what):
             yield
 
@@ -270,8 +267,6 @@ class RunFolder:
 def check_writable(folder: Path) -> None:
     """Create and remove a probe file in ``folder`` (or, when it does not exist yet, its
     nearest existing parent): raises :class:`NotWritableError` before any work is done."""
-    from saelab.errors import NotWritableError
-
     target = next((p for p in (folder, *folder.parents) if p.exists()), Path("."))
     try:
         fd, probe = tempfile.mkstemp(prefix=".saelab-probe.", dir=target)
@@ -285,13 +280,3 @@ def check_writable(folder: Path) -> None:
 def _first_line(e: BaseException) -> str:
     text = str(e).strip()
     return text.splitlines()[0] if text else type(e).__name__
-
-
-def _config_from_dict(cls: type, data: dict[str, Any]) -> Any:
-    """``cls`` rebuilt from a saved dict: the registry's rebuild (old and new SAE option formats)
-    where it exists, else the plain one."""
-    try:
-        from saelab.saes.registry import config_from_dict
-    except ImportError:
-        from saelab.config import from_dict as config_from_dict
-    return config_from_dict(cls, data)

@@ -50,7 +50,7 @@ from saelab.saes.registry import (
     validate_sae_config,
     with_family,
 )
-from saelab.train.trainer import Trainer
+from saelab.train.trainer import Trainer, TrainResult
 
 RESULT_FILE = "synth.json"
 
@@ -125,10 +125,21 @@ def train_family(name: str, cfg: SynthConfig, data: SyntheticData, heldout: Synt
     sae.init_from_data((init_x * scale).to(device))
     tcfg = TrainConfig(tokens=cfg.tokens, batch_size=cfg.batch_size, lr=cfg.lr, seed=cfg.seed,
                        checkpoint_every=0)
-    trainer = Trainer(sae, tcfg, run_dir=None, input_scale=scale, progress=progress)
     t0 = time.perf_counter()
-    result = trainer.fit(data.batches(cfg.batch_size, with_grads=cls.uses_lm_grads))
-    seconds = time.perf_counter() - t0
+    if hasattr(sae, "fit_from_batches"):  # no gradient training (itda): the same stream, scaled
+        n = tcfg.total_steps
+        batches = (x * scale for i, x in zip(range(n), data.batches(cfg.batch_size),
+                                             strict=False))
+        with torch.no_grad():
+            sae.fit_from_batches(batches, n * cfg.batch_size, progress=progress)
+        seconds = time.perf_counter() - t0
+        result = TrainResult(0, n * cfg.batch_size, seconds, n * cfg.batch_size / seconds, {})
+        base_lr = None
+    else:
+        trainer = Trainer(sae, tcfg, run_dir=None, input_scale=scale, progress=progress)
+        result = trainer.fit(data.batches(cfg.batch_size, with_grads=cls.uses_lm_grads))
+        seconds = time.perf_counter() - t0
+        base_lr = trainer.base_lr
     final = export_sae(sae, scale)
     # |cos| / |corr| when the truth is signed or the family's codes are (AbsTopK may carry a
     # non-negative feature as -d_i with negative codes: the same recovery)
@@ -148,7 +159,7 @@ def train_family(name: str, cfg: SynthConfig, data: SyntheticData, heldout: Synt
         "sparsity_value": get_dotted(sae.cfg, knob),
         "final_train_log": result.final,
         "sae_config": asdict(sae.cfg),
-        "lr": trainer.base_lr,
+        "lr": base_lr,
     }
 
 

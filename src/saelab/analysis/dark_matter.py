@@ -270,7 +270,6 @@ def train_topk(source, d_in: int, d_sae: int, k: int, tokens: int, *, batch_size
     acting on raw activations (input scale folded in)."""
     from saelab.config import SAEConfig, TrainConfig
     from saelab.data.stream import ActivationStream, norm_scale_of_rows
-    from saelab.pipeline import export_sae
     from saelab.saes.registry import build_sae
     from saelab.train.trainer import Trainer
 
@@ -290,7 +289,12 @@ def train_topk(source, d_in: int, d_sae: int, k: int, tokens: int, *, batch_size
     tcfg = TrainConfig(tokens=tokens, batch_size=batch_size, seed=seed, checkpoint_every=0,
                        log_every=50)
     Trainer(sae, tcfg, run_dir=None, input_scale=scale, progress=progress).fit(batches)
-    return export_sae(sae, scale)
+    # as the pipeline exports a trained SAE: input scale folded in, frozen, eval mode
+    sae = sae.eval()
+    sae.fold_input_scale(scale)
+    if not sae.unit_norm_decoder:
+        sae.fold_decoder_norms()
+    return sae.requires_grad_(False)
 
 
 def _width_saes(cfg: DarkMatterConfig, target: _Run, k: int, d_in: int, out: Path, device,

@@ -61,6 +61,8 @@ class SimilarityConfig:
     k: int = opt(40, "ITDA matching-pursuit L0.", flag="itda_k")
     delta: float = opt(0.0004, "ITDA error threshold (the reference's GPT-2 layer-similarity "
                        "value).", flag="itda_delta")
+    itda_batch_rows: int = opt(256, "ITDA construction batch (rows whose failing tokens are "
+                               "added at once); small, so the dictionary grows greedily.")
     svcca_components: int = opt(20, "SVCCA: singular directions kept per side.")
     anchors: int = opt(300, "Relative representations: random anchor inputs.")
     seed: int = opt(0, "Seed of the anchor choice.")
@@ -74,8 +76,8 @@ class SimilarityConfig:
             raise ConfigError("give one or two models: --model A [--model B]")
         if self.documents < 1 or self.context_size < 4:
             raise ConfigError("--documents must be >= 1 and --context-size >= 4")
-        if self.k < 1 or self.delta < 0:
-            raise ConfigError("--itda-k must be >= 1 and --itda-delta >= 0")
+        if self.k < 1 or self.delta < 0 or self.itda_batch_rows < 1:
+            raise ConfigError("--itda-k and --itda-batch-rows must be >= 1 and --itda-delta >= 0")
 
 
 @dataclass
@@ -246,7 +248,8 @@ def _build_itdas(cfg, X, keys, same: bool, progress: bool):
             break
         for L, x in tqdm(X[m].items(), desc=f"itda model {m + 1}", disable=not progress):
             sae = ITDA(SAEConfig(architecture="itda", d_in=x.shape[1], d_sae=1), device=dev,
-                       options=ITDAOptions(k=cfg.k, delta=cfg.delta))
+                       options=ITDAOptions(k=cfg.k, delta=cfg.delta,
+                                           batch_rows=cfg.itda_batch_rows))
             sae.fit_from_batches([LabelledRows(x, window=row_ids)], len(x))
             atom_keys[m][L] = {keys[int(r)] for r in sae.atom_window.tolist()}
             atoms[m].append(sae.d_sae)

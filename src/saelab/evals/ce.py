@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, fields
 
+from saelab.evals.evaluate import lm_eval
 from saelab.evals.registry import Eval, metric, register_eval
 
 
@@ -59,8 +60,6 @@ class CEOutput:
 
 
 def run(ctx, sae, cfg: CEEvalConfig) -> CEOutput:
-    from saelab.evals.evaluate import lm_eval
-
     if ctx.n_ce == 0:
         return CEOutput()
     n = ctx.n_ce

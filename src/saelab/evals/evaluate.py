@@ -23,14 +23,20 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor
+from tqdm.auto import tqdm
 
 from saelab.config import DataConfig, EvalConfig
+from saelab.data.corpus import iter_documents
+from saelab.data.windows import drop_norm_outliers, iter_windows, keep_mask
 from saelab.evals.metrics import ReconstructionMetrics, ce_metrics
+from saelab.evals.registry import get_eval, metrics_of, parse_evals
+from saelab.harvest import lm_loss_grads
+from saelab.models.hooks import run_to_hook, splice
 
 if TYPE_CHECKING:
     from saelab.saes.base import SAE
@@ -60,9 +66,6 @@ class EvalResult:
 
 def heldout_windows(lm, data_cfg: DataConfig, n_windows: int) -> tuple[Tensor, Tensor]:
     """The first ``n_windows`` windows of the held-out split and their keep mask."""
-    from saelab.data.corpus import iter_documents
-    from saelab.data.windows import iter_windows, keep_mask
-
     windows = []
     for w in iter_windows(iter_documents(data_cfg, "eval"), lm.tokenizer, data_cfg.context_size,
                           data_cfg.prepend_bos):
@@ -101,8 +104,6 @@ def _grad_splice_fn(sae: SAE, model, hook, ids_BT: Tensor,
     next-token CE over the scored positions with the true labels (the harvest's definition,
     :func:`saelab.harvest.lm_loss_grads`). The kept rows of ``g`` line up with the rows the
     splice replaces (same mask, same order)."""
-    from saelab.harvest import lm_loss_grads
-
     _, grads_BTD, _ = lm_loss_grads(model, ids_BT, hook, lambda _acts: keep_BT)
     g_ND = grads_BTD[keep_BT.to(grads_BTD.device)].to(sae.W_dec.device, sae.W_dec.dtype)
     return lambda a: sae(a.to(g_ND.device, g_ND.dtype), grad=g_ND).recon
@@ -156,8 +157,6 @@ def _ablation_fns(mean_act_D: Tensor) -> dict[str, Callable[[Tensor], Tensor]]:
 def _batch_baseline(lm, hook, ids_BT: Tensor, keep_BT: Tensor, score_BT: Tensor,
                     targets: Tensor, logp_clean: Tensor, mean_act_D: Tensor, sl: slice,
                     keep_logprobs: bool) -> LMBatchBaseline:
-    from saelab.models.hooks import splice
-
     ce = {"clean": -logp_clean.gather(1, targets[:, None]).sum().item()}
     kl = {}
     for name, fn in _ablation_fns(mean_act_D).items():
@@ -181,8 +180,6 @@ def lm_baseline(lm, hook, windows_NT: Tensor, keep_NT: Tensor, mean_act_D: Tenso
     out = []
     batches = list(_batches(windows_NT.shape[0], batch_windows))
     if progress:
-        from tqdm.auto import tqdm
-
         batches = tqdm(batches, desc="eval baseline: LM ablations", unit="batch", leave=False)
     for sl in batches:
         ids_BT, keep_BT, score_BT, targets = _ce_inputs(windows_NT, keep_NT, sl, lm.device)
@@ -204,8 +201,6 @@ def lm_eval(sae: SAE, lm, hook, windows_NT: Tensor, keep_NT: Tensor, mean_act_D:
     ``baseline``: the clean/ablation part from :func:`lm_baseline` on the same windows, keep
     mask and mean (computed here, batch by batch, when None).
     """
-    from saelab.models.hooks import splice
-
     model, dev = lm.model, lm.device
     sae_dev, sae_dt = sae.W_dec.device, sae.W_dec.dtype
     ablations: dict[str, Callable[[Tensor], Tensor]] = {
@@ -218,8 +213,6 @@ def lm_eval(sae: SAE, lm, hook, windows_NT: Tensor, keep_NT: Tensor, mean_act_D:
     if baseline is not None and [b.window_slice for b in baseline.batches] != batches:
         raise ValueError("the LM baseline was computed on other CE windows or batch sizes")
     if progress:
-        from tqdm.auto import tqdm
-
         batches = tqdm(batches, desc="eval: LM splices", unit="batch", leave=False)
     for i, sl in enumerate(batches):
         ids_BT, keep_BT, score_BT, targets = _ce_inputs(windows_NT, keep_NT, sl, dev)
@@ -306,9 +299,6 @@ class EvalContext:
               progress: bool = True, with_lm: bool = True,
               max_logprob_bytes: int = MAX_LOGPROB_BYTES) -> EvalContext:
         """Held-out windows and activations; with ``with_lm`` also the clean/ablated CE."""
-        from saelab.data.windows import drop_norm_outliers, keep_mask
-        from saelab.models.hooks import run_to_hook
-
         t0 = time.perf_counter()
         kept_per_window = max(1, data_cfg.context_size - data_cfg.exclude_first_positions)
         n_windows = max(eval_cfg.ce_windows, math.ceil(eval_cfg.eval_tokens / kept_per_window))
@@ -317,8 +307,6 @@ class EvalContext:
         kept_before = int(filt_NT.sum())
         it = list(_batches(windows_NT.shape[0], ACT_BATCH_WINDOWS))
         if progress:
-            from tqdm.auto import tqdm
-
             it = tqdm(it, desc="eval: activations", unit="batch", leave=False)
         acts, in_filt = [], []
         sum_D = torch.zeros(lm.d_model, dtype=torch.float64, device=lm.device)
@@ -358,8 +346,6 @@ class EvalContext:
                    lm_filtered=base_filt)
 
     def check_matches(self, hook, data_cfg: DataConfig, eval_cfg: EvalConfig) -> None:
-        from dataclasses import asdict
-
         mine = (self.hook_name, asdict(self.data_cfg), asdict(self.eval_cfg))
         if mine != (hook.name, asdict(data_cfg), asdict(eval_cfg)):
             raise ValueError("this EvalContext was built for another hook, data or eval config")
@@ -422,8 +408,6 @@ def evaluate(sae: SAE, lm, hook, data_cfg: DataConfig, eval_cfg: EvalConfig,
     many SAEs; without one, the SAE-independent parts are computed here. ``configs``: an eval's
     config instance by eval name (default: the eval's config defaults).
     """
-    from saelab.evals.registry import get_eval, metrics_of, parse_evals
-
     names = parse_evals(",".join(evals) if evals else None, skip_ce)
     needs_lm = any(get_eval(n).needs_lm for n in names)
     if baseline is None:

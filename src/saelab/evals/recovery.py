@@ -80,7 +80,7 @@ class CorrelationAccumulator:
 def matched_mcc(corr_MF: Tensor, valid_M: Tensor | None = None, signed: bool = False
                 ) -> tuple[float, int]:
     """MCC after the optimal one-to-one matching; returns (mcc, number of scored features)."""
-    from scipy.optimize import linear_sum_assignment
+    from scipy.optimize import linear_sum_assignment  # deferred: scipy only for synth recovery
 
     c = corr_MF.detach().double().cpu()
     if valid_M is not None:

@@ -13,6 +13,7 @@ a one-line :class:`ModelNotAvailableError` instead of a traceback or a 25 s retr
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import importlib.util
 import json
 import os
@@ -28,6 +29,7 @@ import torch
 from saelab.config import EMBEDDED, ModelConfig
 from saelab.errors import ModelNotAvailableError
 from saelab.locks import hold_lock
+from saelab.models.hooks import find_blocks
 from saelab.runtime import (
     cache_root,
     hub_offline,
@@ -96,8 +98,6 @@ def _bundled_dir(name: str) -> Path | None:
 
 def load_model(cfg: ModelConfig) -> LoadedModel:
     """Load ``cfg.model`` on ``cfg.device`` in ``cfg.model_dtype`` (see ModelConfig)."""
-    from saelab.models.hooks import find_blocks
-
     device = resolve_device(cfg.device)
     dtype = resolve_model_dtype(cfg.model_dtype, device)
     bundled = _bundled_dir(cfg.model)
@@ -189,7 +189,6 @@ def gemma_model_dir() -> Path:
               "bytes": sum(p.stat().st_size for p in parts)}
     if _cache_ok(target, source):
         return target
-    import hashlib
 
     target.parent.mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(prefix=".gemma-gguf.", dir=target.parent))
@@ -222,6 +221,7 @@ def _cache_ok(target: Path, source: dict) -> bool:
 
 
 def _build_embedded_cache(gguf: Path, target: Path, source: dict) -> None:
+    # deferred: transformers is a heavy import that `saelab --help` must not pay for
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     target.parent.mkdir(parents=True, exist_ok=True)
@@ -274,6 +274,7 @@ def _from_pretrained(
     what: str, name: str, source: str, local_only: bool, dtype: torch.dtype | None = None
 ) -> Any:
     """AutoModelForCausalLM / AutoTokenizer ``from_pretrained``, cache first, errors one line."""
+    # deferred: transformers is a heavy import that `saelab --help` must not pay for
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     auto: Any = AutoModelForCausalLM if what == "model" else AutoTokenizer
@@ -307,6 +308,7 @@ def _from_pretrained(
 def _load_errors() -> tuple[type[BaseException], ...]:
     errors: list[type[BaseException]] = [OSError, ValueError, KeyError]
     with contextlib.suppress(ImportError):
+        # deferred, optional: huggingface_hub comes with transformers
         from huggingface_hub.errors import HfHubHTTPError
 
         errors.append(HfHubHTTPError)
@@ -321,7 +323,7 @@ def _first_line(exc: BaseException) -> str:
 @contextlib.contextmanager
 def _quiet_progress() -> Iterator[None]:
     """Hide transformers' per-load 'Loading weights' bar (the one-off GGUF conversion keeps it)."""
-    from transformers.utils import logging as hf_logging
+    from transformers.utils import logging as hf_logging  # deferred: heavy, as above
 
     was_enabled = hf_logging.is_progress_bar_enabled()
     hf_logging.disable_progress_bar()

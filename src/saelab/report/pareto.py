@@ -14,6 +14,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from saelab.evals.registry import pareto_axes
 from saelab.fsutil import atomic_write_bytes
 from saelab.report.plots import _pyplot
 
@@ -21,8 +22,6 @@ from saelab.report.plots import _pyplot
 def pareto_plots() -> dict[str, tuple[str, str, bool]]:
     """file name -> (row key, y-axis label, higher is better), from the eval outputs' metric
     metadata (:func:`saelab.evals.registry.pareto_axes`)."""
-    from saelab.evals.registry import pareto_axes
-
     return pareto_axes()
 
 
@@ -63,6 +62,7 @@ def plot_pareto(rows: Sequence[Mapping[str, Any]], y: str, path: Path, ylabel: s
             ax.annotate(format(level, "g") if _finite(level) else str(level), (x, v),
                         textcoords="offset points", xytext=(4, 3), fontsize=6, alpha=0.7)
     if series:
+        # deferred: matplotlib is heavy and only needed when a plot is drawn
         from matplotlib.ticker import LogLocator, NullFormatter, ScalarFormatter
 
         ax.set_xscale("log", base=2)  # levels are usually powers of two apart

@@ -9,10 +9,10 @@ from torch import Tensor
 
 
 def _pyplot():
-    import matplotlib
+    import matplotlib  # deferred: heavy, and only needed when a plot is drawn
 
     matplotlib.use("Agg")  # headless: never needs a display
-    import matplotlib.pyplot as plt
+    import matplotlib.pyplot as plt  # deferred: as above, and only after the Agg backend
 
     return plt
 

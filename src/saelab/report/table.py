@@ -7,6 +7,8 @@ import math
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+from saelab.evals.registry import summary_rows
+
 
 def fmt_value(fmt: str, value: Any, missing: str = "-") -> str:
     """``fmt.format(value)`` for a finite number, ``missing`` otherwise."""
@@ -37,8 +39,6 @@ def format_table(headers: Sequence[str], rows: Sequence[Sequence[str]],
 
 def summary_table(metrics: Mapping[str, float], title: str = "") -> str:
     """The headline metrics of one run, one per line, in the order the eval outputs declare."""
-    from saelab.evals.registry import summary_rows
-
     rows = [[label, fmt.format(metrics[key]).rjust(12)] for key, label, fmt in summary_rows()
             if key in metrics]
     body = format_table([], rows, indent="  ")

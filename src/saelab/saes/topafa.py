@@ -31,9 +31,9 @@ at the number of positive activations (the extra entries would be zeros; this on
 Deviations from the reference code, on purpose:
 
 - **Input normalisation.** The code standardises every token (``input_unit_norm``, §0.3 mode 3)
-  and de-standardises the output. We keep the library's scalar normalisation (§0.3 mode 2,
-  folded into the weights at save time) so the saved SAE is a plain function of the raw
-  activation. Consequence: under standardisation ``‖x'‖ = √(D − 1)`` for every token, so the
+  and de-standardises the output (``options.standardize``). By default we keep the library's
+  scalar normalisation (§0.3 mode 2, folded into the weights at save time) so the saved SAE is a
+  plain function of the raw activation. Consequence: under standardisation ``‖x'‖ = √(D − 1)`` for every token, so the
   code's *uncentered* AFA target is a constant; here ``‖x‖`` varies per token and includes the
   dataset mean that ``b_dec`` absorbs, which makes ``centered`` the more natural choice on
   activations with a large mean. The default stays ``uncentered`` to match the code.
@@ -62,8 +62,10 @@ matches the norms. The reference's logged runs end at L0 ≈ 2,000 of 12,288 lat
 256 latents) this implementation ends at L0 ~75 (≈ 2.3·d), FVU 0.02, decoder at chance
 (best-cos 0.47), and an independent dense float64 reimplementation of the reference code
 (per-token standardisation, elementwise MSE, lr 3e-4 or 1.6e-3, λ 0 … 1/8) behaves the same
-(L0 81-91, best-cos 0.46-0.50, FVU down to 2e-4). Per-token standardisation is therefore not
-implemented (it would not change this, and it would break the plain raw-activation function).
+(L0 81-91, best-cos 0.46-0.50, FVU down to 2e-4). Per-token standardisation is therefore an
+option (``options.standardize``, off by default): it would not change this, and with it on
+``decode(f)`` returns standardised-space output (de-standardising needs the token's mean and std),
+so the saved SAE is no longer a plain function of the code.
 
 Not loadable by SAELens (the per-token k* has no SAELens equivalent); saved as
 ``saelab.topafa``.

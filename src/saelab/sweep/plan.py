@@ -11,9 +11,18 @@ from pathlib import Path
 from typing import Any
 
 from saelab.config import PipelineConfig, RunConfig, SweepConfig
+from saelab.data.store import ActivationStore
 from saelab.errors import ConfigError, RunFolderError
 from saelab.fsutil import atomic_write_json
 from saelab.runfolder import RunFolder
+from saelab.saes import registry
+from saelab.saes.registry import (
+    get_family,
+    parse_levels,
+    set_dotted,
+    validate_sae_config,
+    with_family,
+)
 
 SWEEP_CONFIG = "sweep_config.json"
 RUNS = "runs"
@@ -52,8 +61,6 @@ class SweepRun:
 # ---- the grid -----------------------------------------------------------------------------------
 def families(cfg: SweepConfig) -> list[str]:
     """The families of ``--arch``, checked against the registry, with their ``--levels``."""
-    from saelab.saes import registry
-
     names = registry.parse_arch_list(cfg.archs)
     registry.check_trainable(names)
     for name in level_overrides(cfg):
@@ -66,15 +73,11 @@ def families(cfg: SweepConfig) -> list[str]:
 
 
 def level_overrides(cfg: SweepConfig) -> dict[str, list[float]]:
-    from saelab.saes.registry import parse_levels
-
     return parse_levels(cfg.levels, many=True)
 
 
 def plan_runs(cfg: SweepConfig) -> list[SweepRun]:
     """Every (family, level) run of ``cfg`` with its full, validated RunConfig."""
-    from saelab.saes.registry import get_family, set_dotted, validate_sae_config, with_family
-
     explicit = cfg.archs.strip() != "all"
     overrides = level_overrides(cfg)
     runs = []
@@ -113,9 +116,6 @@ def runs_the_store_can_serve(cfg: SweepConfig, runs: list[SweepRun], log) -> lis
     """With --store: families that train on LM-loss gradients need a store that has them.
     Named explicitly they are an error (before anything is trained); under 'all' they are left
     out with a note. Without --store the pipeline harvests a store with gradients for them."""
-    from saelab.data.store import ActivationStore
-    from saelab.saes.registry import get_family
-
     needs = [r for r in runs if get_family(r.family).uses_lm_grads]
     if not cfg.store or not needs or ActivationStore.open(cfg.store).has_grads:
         return runs
@@ -134,7 +134,7 @@ def runs_the_store_can_serve(cfg: SweepConfig, runs: list[SweepRun], log) -> lis
 def comparable(d: dict) -> dict:
     """A run's or sweep's settings without what may change between invocations."""
     d = copy.deepcopy(d)
-    for key in ("out", "resume", "overwrite", "archs", "levels"):
+    for key in ("out", "resume", "overwrite", "archs", "levels", "lockstep"):
         d.pop(key, None)
     d.get("model", {}).pop("device", None)
     d.get("train", {}).pop("wandb_project", None)

@@ -14,7 +14,12 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
+from saelab.evals.facts import RunFacts
+from saelab.evals.registry import pareto_axes, sweep_columns
 from saelab.fsutil import atomic_write_bytes, atomic_write_json, json_safe
+from saelab.report.pareto import write_pareto_plots
+from saelab.report.table import fmt_value
+from saelab.report.table import format_table as table
 from saelab.sweep.plan import RUNS, SweepRun, comparable, fmt_level
 
 #: the sweep's own column: training + evaluation wall time of a run
@@ -23,14 +28,10 @@ SECONDS = ("seconds", "seconds", "{:.0f}")
 
 def columns() -> list[tuple[str, str, str, str]]:
     """(CSV column, metrics key, table header, table format), metric columns then seconds."""
-    from saelab.evals.registry import sweep_columns
-
     return [*sweep_columns(), (SECONDS[0], "", SECONDS[1], SECONDS[2])]
 
 
 def plot_files() -> tuple[str, ...]:
-    from saelab.evals.registry import pareto_axes
-
     return tuple(pareto_axes())
 
 
@@ -41,8 +42,6 @@ def outputs() -> tuple[str, ...]:
 
 def row(run: SweepRun, metrics: dict[str, float]) -> dict[str, Any]:
     """One run's CSV row (plus its whole ``metrics`` dict)."""
-    from saelab.evals.facts import RunFacts
-
     out: dict[str, Any] = {"family": run.family, "param": run.param, "level": run.level,
                            "run": f"{RUNS}/{run.name}"}
     for col, key, _, _ in columns():
@@ -70,9 +69,6 @@ def to_csv(rows: list[dict[str, Any]]) -> str:
 
 def format_table(rows: list[dict[str, Any]]) -> str:
     """One line per run: family, level and the headline metrics."""
-    from saelab.report.table import fmt_value
-    from saelab.report.table import format_table as table
-
     cols = columns()
     body = [[f"{r['family']} {r['param'].split('.')[-1]}={fmt_level(r['level'])}",
              *(fmt_value(fmt, r.get(col, math.nan)) for col, _, _, fmt in cols)] for r in rows]
@@ -83,8 +79,6 @@ def write_outputs(cfg, runs: list[SweepRun], done: dict[str, dict[str, Any]], re
                   baseline_seconds: float, baseline_split: dict[str, float],
                   seconds: float) -> None:
     """Rewrite ``sweep.csv``, ``sweep.json`` and the Pareto plots for the finished runs."""
-    from saelab.report.pareto import write_pareto_plots
-
     out = Path(cfg.out)
     rows = [done[r.name] for r in runs if r.name in done]
     result.rows = rows

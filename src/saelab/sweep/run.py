@@ -13,7 +13,15 @@ from pathlib import Path
 from typing import Any
 
 from saelab.config import SweepConfig
+from saelab.evals.evaluate import EvalContext
+from saelab.evals.facts import RunFacts
+from saelab.models.hooks import parse_hook
+from saelab.models.loading import load_model
+from saelab.pipeline import resolve_store, train_run
+from saelab.report.table import fmt_value
+from saelab.runtime import tune_malloc
 from saelab.sweep import report
+from saelab.sweep.lockstep import lockstep_runs, train_in_lockstep
 from saelab.sweep.plan import (
     SweepRun,
     check_run_matches,
@@ -21,6 +29,7 @@ from saelab.sweep.plan import (
     prepare_out,
     runs_the_store_can_serve,
 )
+from saelab.train.trainer import TrainingDivergedError
 
 
 @dataclass
@@ -45,11 +54,6 @@ class _Shared:
 
     def ready(self) -> _Shared:
         if self.lm is None:
-            from saelab.evals.evaluate import EvalContext
-            from saelab.models.hooks import parse_hook
-            from saelab.models.loading import load_model
-            from saelab.runtime import tune_malloc
-
             tune_malloc()
             self.lm = load_model(self.cfg.model)
             self.hook = parse_hook(self.cfg.model.hook, self.lm.n_layers)
@@ -69,8 +73,6 @@ class _Shared:
 def _train_one(run: SweepRun, shared: _Shared, state: str, progress: bool,
                log: Callable[[str], None]) -> dict[str, float]:
     """Train and evaluate one run through the pipeline; returns its metrics."""
-    from saelab.pipeline import resolve_store, train_run
-
     cfg = copy.deepcopy(run.cfg)
     if state == "resume":
         cfg.resume = True
@@ -87,8 +89,6 @@ def _train_one(run: SweepRun, shared: _Shared, state: str, progress: bool,
 def run_sweep(cfg: SweepConfig, progress: bool = True,
               log: Callable[[str], None] = print) -> SweepResult:
     """Train and evaluate every run of ``cfg`` not already finished in ``cfg.out``."""
-    from saelab.train.trainer import TrainingDivergedError
-
     cfg.validate()
     runs = runs_the_store_can_serve(cfg, plan_runs(cfg), log)
     prepare_out(cfg, report.outputs())
@@ -105,7 +105,35 @@ def run_sweep(cfg: SweepConfig, progress: bool = True,
         report.write_outputs(cfg, runs, done, result, shared.baseline_seconds, shared.split,
                              time.perf_counter() - t_start)
 
+    # lockstep: the unfinished runs that share a store train together first (one pass of the
+    # store for all), each evaluated and saved as it would be alone; the loop below then reads
+    # the finished runs back and trains whatever is left one at a time
+    handled: set[str] = set()
+    states = {run.name: run.folder.state() for run in runs} if cfg.lockstep else {}
+    for run in runs:
+        if states.get(run.name, "fresh") != "fresh":
+            check_run_matches(run)
+    together = lockstep_runs([(r, states[r.name]) for r in runs]) if cfg.lockstep else []
+    if together:
+        shared.ready()
+        t_group = time.perf_counter()
+        for run, outcome in train_in_lockstep(together, shared.lm, shared.hook, shared.baseline,
+                                              progress, log):
+            i = runs.index(run) + 1
+            handled.add(run.name)
+            if isinstance(outcome, TrainingDivergedError):
+                log(f"run {i}/{len(runs)}: {run.label} failed: {outcome}")
+                failed.append({"run": run.name, "error": str(outcome)})
+                stale = True
+                continue
+            done[run.name] = report.row(run, outcome)
+            log(_run_summary(f"run {i}/{len(runs)}: {run.label} (lockstep)", outcome))
+            write()
+            stale = False
+        run_seconds += [(time.perf_counter() - t_group) / len(together)] * len(together)
     for i, run in enumerate(runs, 1):
+        if run.name in handled:
+            continue
         state = run.folder.state()
         if state != "fresh":
             check_run_matches(run)
@@ -137,9 +165,6 @@ def run_sweep(cfg: SweepConfig, progress: bool = True,
 
 def _run_summary(head: str, m: dict[str, float]) -> str:
     """One line after a run: its sweep-table columns and its wall times."""
-    from saelab.evals.facts import RunFacts
-    from saelab.report.table import fmt_value
-
     parts = [f"{short} {fmt_value(fmt, m.get(key, math.nan))}"
              for _, key, short, fmt in report.columns()[:3] if key in m]
     t = RunFacts.from_metrics(m)

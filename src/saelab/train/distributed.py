@@ -103,16 +103,20 @@ def relaunch(argv: Sequence[str], nproc: int) -> int:
     return subprocess.call(torchrun_command(argv, nproc), env=env)
 
 
+_NEEDS_STORE = ("distributed training needs an existing activation store: harvest one with "
+                "`saelab harvest --out STORE ...` and pass --store STORE")
+
+
 def prepare_ranks(cfg, prepare: Callable):
     """Rank 0 checks/prepares the run folder (``prepare(cfg)``), then every other rank takes
     the same resolved config (the saved one on resume) without touching the folder."""
-    if not cfg.store:
-        raise ConfigError(
-            "distributed training needs an existing activation store: harvest one with "
-            "`saelab harvest --out STORE ...` and pass --store STORE")
     payload: list = [None]
     if dist.is_main():
+        if not cfg.store and not cfg.resume:  # a resumed run has its saved --store
+            raise ConfigError(_NEEDS_STORE)
         cfg = prepare(cfg)
+        if not cfg.store:
+            raise ConfigError(_NEEDS_STORE)
         payload[0] = dataclasses.asdict(cfg)
     # a rank-0 failure ends this process, and torchrun then stops the others
     torch.distributed.broadcast_object_list(payload, src=0)

@@ -155,30 +155,7 @@ class Trainer:
                 batch = next(it)
             except StopIteration:
                 raise ConfigError("the batch iterator ran out before the token budget") from None
-            x_BD, grad_BD = batch if isinstance(batch, tuple | list) else (batch, None)
-            x_BD = x_BD.to(self.device, sae.W_dec.dtype, non_blocking=True)
-            if grad_BD is not None:
-                # d loss / d(c x) = (1/c) d loss / dx: the gradient at the normalised input
-                grad_BD = grad_BD.to(self.device, sae.W_dec.dtype, non_blocking=True)
-                if self.input_scale != 1.0:
-                    grad_BD = grad_BD / self.input_scale
-            elif sae.uses_lm_grads:
-                raise ConfigError(
-                    f"{sae.architecture} needs LM-loss gradients beside the activations: "
-                    "harvest the store with --with-grads")
-            if self.input_scale != 1.0:
-                x_BD = x_BD * self.input_scale
-            out = self._train_step(x_BD, grad_BD)
-            self.step += 1
-            if self.step % cfg.log_every == 0 or self.step == end:
-                last = self._log(x_BD, out, t0, start_step)
-                if bar is not None:
-                    bar.set_postfix(loss=f"{last['loss']:.4g}", l0=f"{last['l0']:.1f}",
-                                    fvu=f"{last['fvu']:.3f}", refresh=False)
-            if bar is not None:
-                bar.update(1)
-            if cfg.checkpoint_every and self.step % cfg.checkpoint_every == 0 and self.step < end:
-                self.save_checkpoint()
+            last = self.step_on(*self.prepare_batch(batch), end, t0, start_step, bar) or last
         if bar is not None:
             bar.close()
         self.save_checkpoint()
@@ -187,6 +164,44 @@ class Trainer:
         tokens = (self.step - start_step) * cfg.batch_size
         return TrainResult(self.step, self.step * cfg.batch_size, secs,
                            tokens / secs if secs > 0 else 0.0, last)
+
+    def prepare_batch(self, batch) -> tuple[Tensor, Tensor | None]:
+        """A stream batch (``x_BD`` or ``(x_BD, grad_BD)``) on the device, in the SAE's dtype,
+        multiplied by the input scale (``saelab.train.lockstep`` prepares one batch for several
+        trainers that share device, dtype and scale)."""
+        sae = self.sae
+        x_BD, grad_BD = batch if isinstance(batch, tuple | list) else (batch, None)
+        x_BD = x_BD.to(self.device, sae.W_dec.dtype, non_blocking=True)
+        if grad_BD is not None:
+            # d loss / d(c x) = (1/c) d loss / dx: the gradient at the normalised input
+            grad_BD = grad_BD.to(self.device, sae.W_dec.dtype, non_blocking=True)
+            if self.input_scale != 1.0:
+                grad_BD = grad_BD / self.input_scale
+        elif sae.uses_lm_grads:
+            raise ConfigError(
+                f"{sae.architecture} needs LM-loss gradients beside the activations: "
+                "harvest the store with --with-grads")
+        if self.input_scale != 1.0:
+            x_BD = x_BD * self.input_scale
+        return x_BD, grad_BD
+
+    def step_on(self, x_BD: Tensor, grad_BD: Tensor | None, end: int, t0: float,
+                start_step: int, bar=None) -> dict[str, float] | None:
+        """One step of :meth:`fit` on a prepared batch: optimiser step, log line every
+        ``log_every`` steps (returned), progress, checkpoint every ``checkpoint_every``."""
+        cfg, rec = self.cfg, None
+        out = self._train_step(x_BD, grad_BD)
+        self.step += 1
+        if self.step % cfg.log_every == 0 or self.step == end:
+            rec = self._log(x_BD, out, t0, start_step)
+            if bar is not None:
+                bar.set_postfix(loss=f"{rec['loss']:.4g}", l0=f"{rec['l0']:.1f}",
+                                fvu=f"{rec['fvu']:.3f}", refresh=False)
+        if bar is not None:
+            bar.update(1)
+        if cfg.checkpoint_every and self.step % cfg.checkpoint_every == 0 and self.step < end:
+            self.save_checkpoint()
+        return rec
 
     def _train_step(self, x_BD: Tensor, grad_BD: Tensor | None = None):
         sae, cfg = self.sae, self.cfg
