@@ -265,8 +265,9 @@ def _dispatch(args: argparse.Namespace) -> int:
         shutdown()  # no collectives after training (rank 0 evaluates alone)
         if not main_rank:  # data-parallel rank > 0: rank 0 reports
             return 0
+        used = summary.config or cfg  # a resumed run reports the config it was trained with
         print(summary_table(summary.metrics,
-                            title=f"\n{cfg.sae.architecture} SAE, d_sae {cfg.sae.d_sae} — held-out eval"))
+                            title=f"\n{used.sae.architecture} SAE, d_sae {used.sae.d_sae} — held-out eval"))
         print(f"\nrun folder: {summary.run_dir}  (SAE in {summary.run_dir / 'sae'}, "
               f"metrics.json, metrics.jsonl, feature_density.png)")
         return 0

@@ -70,6 +70,8 @@ class RunSummary:
     train_seconds: float
     train_tokens_per_second: float
     store_path: Path
+    #: the config the run trained with (the saved one when resumed)
+    config: RunConfig | None = None
 
 
 def prepare_run_dir(out: Path, resume: bool, overwrite: bool) -> None:
@@ -133,7 +135,8 @@ def train_run(cfg: RunConfig, progress: bool = True, log=print, *, lm=None, stor
                                     baseline=eval_baseline, extra=extra)
         if work != out:
             run.commit_from(work)
-    return RunSummary(out, metrics, result.seconds, result.tokens_per_second, Path(store.path))
+    return RunSummary(out, metrics, result.seconds, result.tokens_per_second, Path(store.path),
+                      cfg)
 
 
 def check_memory(cfg: RunConfig, d_in: int) -> None:
