@@ -259,3 +259,21 @@ def test_sweep_flags_apply_where_the_family_has_them():
     assert type(with_family(cfg.sae, "relu", strict=False).options) is get_family("relu").Options
     with pytest.raises(ConfigError, match="--k is not an option of any family in --arch"):
         check_shared_options(cfg.sae.options, ["relu", "gated"])
+
+
+def test_eval_with_gradient_pursuit_encoder_leaves_the_run_alone(tiny, tmp_path, capsys):
+    out = tmp_path / "run"
+    assert main(train_args(tiny, out, "--arch", "topk", "--k", "4", "--tokens", "1024")) == 0
+    before = {p.name: p.read_bytes() for p in [out / "metrics.json", out / "sae" / "cfg.json",
+                                              out / "sae" / "sae_weights.safetensors"]}
+    sae_metrics = json.loads((out / "metrics.json").read_text())
+    assert main(["eval", str(out), "--encoder", "gp", "--eval-tokens", "300", "--ce-windows",
+                 "2", "--quiet"]) == 0
+    gp = json.loads((out / "metrics_gp.json").read_text())
+    assert gp["encoder"] == "gradient_pursuit"
+    # each token gets at most the atoms the SAE's own encoder gives it (docs/methods.md §12.5)
+    assert 0 < gp["l0"] <= sae_metrics["l0"] + 1e-9
+    assert 0 < gp["fvu"] < 1.5 and "ce_loss_recovered" in gp
+    after = {p.name: p.read_bytes() for p in [out / "metrics.json", out / "sae" / "cfg.json",
+                                             out / "sae" / "sae_weights.safetensors"]}
+    assert after == before

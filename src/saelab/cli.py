@@ -78,6 +78,10 @@ def _parser() -> argparse.ArgumentParser:
                         "the SAE spliced in), density (dead/dense latents)")
     e.add_argument("--skip-ce", action="store_true",
                    help="skip the LM-splice CE/KL metrics (drops ce from --evals)")
+    e.add_argument("--encoder", choices=("sae", "gp"), default="sae",
+                   help="sae: the SAE's own encoder; gp: gradient pursuit on its decoder, each "
+                        "token to the L0 the SAE gives it (writes metrics_gp.json, leaves the "
+                        "run's metrics.json alone)")
     e.add_argument("--quiet", action="store_true", help="no progress bars")
 
     x = sub.add_parser(
@@ -288,7 +292,7 @@ def _dispatch(args: argparse.Namespace) -> int:
 
         names = parse_evals(args.evals, skip_ce=args.skip_ce)
         metrics = evaluate_run(Path(args.run), ecfg, skip_ce=args.skip_ce, progress=progress,
-                               evals=names)
+                               evals=names, encoder=args.encoder)
         print(summary_table(metrics, title=f"held-out eval of {args.run}"))
         print(json.dumps({k: metrics[k] for k in ("l0", "fvu") if k in metrics}))
         return 0

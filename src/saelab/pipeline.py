@@ -38,6 +38,7 @@ from saelab.models.loading import load_model
 from saelab.report.plots import plot_density
 from saelab.runfolder import RUN_CONFIG, SAE_DIR, RunFolder
 from saelab.runtime import cache_root, parse_dtype, resolve_device, tune_malloc
+from saelab.saes._gradient_pursuit import GPEncodedSAE
 from saelab.saes.registry import build_sae, get_family, validate_sae_config
 from saelab.train.distributed import init_from_env, prepare_ranks
 from saelab.train.trainer import Trainer, TrainResult
@@ -343,11 +344,22 @@ def _sae_metadata(lm, hook, cfg: RunConfig) -> dict:
     }
 
 
+#: ``saelab eval --encoder``: the SAE's own encoder, or gradient pursuit on its decoder
+ENCODERS = ("sae", "gp")
+GP_METRICS = "metrics_gp.json"
+
+
 def evaluate_run(path: Path, eval_cfg, skip_ce: bool = False, progress: bool = True,
-                 evals: list[str] | None = None) -> dict:
+                 evals: list[str] | None = None, encoder: str = "sae") -> dict:
     """`saelab eval`: re-evaluate a run folder (or a saved SAE folder) on held-out data with
     ``evals`` (default: all). Training facts, and with a subset of the evals the metrics it does
-    not re-measure, are kept from the run's earlier ``metrics.json``."""
+    not re-measure, are kept from the run's earlier ``metrics.json``.
+
+    ``encoder="gp"`` encodes with gradient pursuit on the SAE's decoder (each token to the L0
+    the SAE's own encoder gives it; docs/methods.md §12.5) and writes ``metrics_gp.json``
+    instead, leaving the SAE and its ``metrics.json`` untouched."""
+    if encoder not in ENCODERS:
+        raise ConfigError(f"--encoder must be one of {', '.join(ENCODERS)}, got {encoder!r}")
     path = Path(path)
     run = RunFolder(path)
     names = parse_evals(",".join(evals) if evals else None)
@@ -380,6 +392,11 @@ def evaluate_run(path: Path, eval_cfg, skip_ce: bool = False, progress: bool = T
         lm = load_model(cfg.model)
         hook = parse_hook(cfg.model.hook, lm.n_layers)
         sae = load_sae(sae_dir, device=lm.device)
+        if encoder == "gp":
+            res = evaluate(GPEncodedSAE(sae), lm, hook, cfg.data, cfg.eval, skip_ce=skip_ce,
+                           progress=progress, evals=names)
+            run.write_json(GP_METRICS, {**res.metrics, "encoder": "gradient_pursuit"})
+            return res.metrics
         if sae_dir == path:  # bare SAE folder: leave its weights alone, write metrics beside
 
             res = evaluate(sae, lm, hook, cfg.data, cfg.eval, skip_ce=skip_ce,
