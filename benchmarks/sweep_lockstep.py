@@ -15,7 +15,8 @@ Timed: everything from building the SAEs to the final checkpoints (setup, data-b
 training, checkpoints every 25 steps as in a sweep); not timed: evaluation, identical in both
 modes. The final weights of both modes are compared (they must be equal). Default store: the
 largest real SmolLM2 store in ``$SAELAB_CACHE/stores`` (a synthetic one if there is none).
-Prints the machine (``lscpu`` model name), the load average, each repeat's times and ratio.
+Prints the machine (``lscpu`` model name), the load average, each repeat's times and ratio
+(odd repeats run the sequential mode first, even ones the lockstep mode first).
 """
 
 from __future__ import annotations
@@ -135,8 +136,13 @@ def main() -> int:
               f"{args.batch_size} each")
         for r in range(1, args.repeats + 1):
             load = os.getloadavg()[0]
-            seq, a = sequential(store, run_cfgs(store, tmp / f"seq{r}", args))
-            lock, b = lockstep(store, run_cfgs(store, tmp / f"lock{r}", args))
+            # alternate which mode goes first: the load on a shared machine drifts
+            if r % 2:
+                seq, a = sequential(store, run_cfgs(store, tmp / f"seq{r}", args))
+                lock, b = lockstep(store, run_cfgs(store, tmp / f"lock{r}", args))
+            else:
+                lock, b = lockstep(store, run_cfgs(store, tmp / f"lock{r}", args))
+                seq, a = sequential(store, run_cfgs(store, tmp / f"seq{r}", args))
             same = all(torch.equal(x, y) for fa, fb in zip(a, b, strict=True)
                        for x, y in zip(fa.state_dict().values(), fb.state_dict().values(),
                                        strict=True))

@@ -129,8 +129,10 @@ def test_sweep_metrics_equal_a_fresh_single_run_evaluate(tiny, finished):
     data, ecfg = DataConfig(dataset=str(tiny[1]), context_size=16), EvalConfig(300, 4)
     windows_NT = EvalContext.build(lm, hook, data, ecfg, progress=False,
                                    with_lm=False).windows_NT
-    # SAEBench core protocol: every position but special tokens (BOS) is scored
-    keep_NT = ~torch.isin(windows_NT, torch.tensor(lm.tokenizer.all_special_ids))
+    # SAEBench core protocol: every position but special tokens is scored; the tiny tokenizer's
+    # are BOS, EOS and the document separator <|endoftext|> (tests/conftest.py)
+    special = lm.tokenizer.convert_tokens_to_ids(["<|im_start|>", "<|im_end|>", "<|endoftext|>"])
+    keep_NT = ~torch.isin(windows_NT, torch.tensor(special))
     with torch.no_grad():  # resid_post of block 1 is hidden state 2 (0 is the embeddings)
         hidden = lm.model(windows_NT, output_hidden_states=True).hidden_states[2]
     x_ND = hidden[keep_NT].double()

@@ -589,10 +589,10 @@ class SweepConfig(PipelineConfig):
         False, "Replace the sweep in --out (all its runs) instead of continuing it; needed when "
         "it was made with other settings.")
     lockstep: bool = opt(
-        True, "Train the runs that share a store, batch sequence and input scale together, many "
+        False, "Train the runs that share a store, batch sequence and input scale together, many "
         "SAEs per pass: each batch is read, shuffled and normalised once and every SAE of the "
-        "group steps on it (same weights as one run at a time). --no-lockstep trains them one "
-        "after another.")
+        "group steps on it (same weights as one run at a time). Off: one run after another "
+        "(benchmarks/sweep_lockstep.py on the shared 2-core CPU: 0.67-2.8x, load-dependent).")
 
     # the families of --arch / --levels are checked against the registry by saelab.sweep
     # (registry.resolve_families)
