@@ -1,4 +1,4 @@
-"""top-AFA SAE and the AFA analysis functions (METHODS.md §10, §16.10, §16.11)."""
+"""top-AFA SAE and the AFA analysis functions (docs/methods.md §10, §16.10, §16.11)."""
 
 import copy
 

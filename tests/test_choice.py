@@ -1,4 +1,4 @@
-"""Feature Choice / Mutual Choice and aux_zipf_loss (METHODS.md §6, §4.8, §16.5)."""
+"""Feature Choice / Mutual Choice and aux_zipf_loss (docs/methods.md §6, §4.8, §16.5)."""
 
 import dataclasses
 import json

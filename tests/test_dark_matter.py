@@ -1,4 +1,4 @@
-"""Dark-matter analysis (METHODS §12, §16.13): streamed least squares, the decomposition on
+"""Dark-matter analysis (docs/methods.md §12, §16.13): streamed least squares, the decomposition on
 planted data, per-token scaling, cross-component maps, and the `saelab darkmatter` plug-in."""
 
 from __future__ import annotations

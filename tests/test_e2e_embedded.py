@@ -26,7 +26,7 @@ def test_train_on_embedded_default(tmp_path, monkeypatch, arch):
             "--eval-tokens", "4096", "--ce-windows", "8", "--out", str(out), "--quiet",
             "--harvest-tokens", "61440", "--lr", "1e-3"]
     # Keep the real model cache (built once per machine) but put the store in tmp.
-    monkeypatch.setattr("saelab.pipeline.cache_root", lambda: tmp_path / "cache")
+    monkeypatch.setattr("saelab.harvest.cache_root", lambda: tmp_path / "cache")
     assert main(args) == 0
     m = json.loads((out / "metrics.json").read_text())
     assert 2.0 < m["ce_loss_clean"] < 5.0  # a real pretrained LM on real English

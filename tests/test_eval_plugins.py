@@ -128,22 +128,60 @@ def test_runfolder_reads_a_format1_run(tmp_path):
 
 
 def test_runfolder_prepare_refuses_to_clobber(tmp_path):
+    """prepare() checks and changes nothing. A folder holding only its run_config.json is an
+    unstarted run (e.g. a store error before the first checkpoint) and a plain rerun may start
+    it; one with a checkpoint, an SAE or metrics needs --resume or --overwrite; a non-empty
+    folder that is no run is refused whatever the flags."""
     run = RunFolder(tmp_path / "r")
     with pytest.raises(RunFolderError, match="does not exist"):
         run.prepare(resume=True, overwrite=False)
-    run.prepare(resume=False, overwrite=False)  # nothing there: fine
+    run.prepare(resume=False, overwrite=False)  # nothing there: fine, and nothing created
+    assert not run.path.exists()
+
+    def listing() -> list[str]:
+        return sorted(str(q.relative_to(run.path)) for q in run.path.rglob("*"))
+
     run.save_config(RunConfig(out=str(run.path)))
-    with pytest.raises(RunFolderError, match="already holds a run"):
-        run.prepare(resume=False, overwrite=False)
+    assert run.is_unstarted() and run.state() == "fresh"
+    before = listing()
+    run.prepare(resume=False, overwrite=False)  # unstarted: a plain rerun is allowed
     run.prepare(resume=True, overwrite=False)
     run.prepare(resume=False, overwrite=True)
-    assert not run.path.exists()
+    assert listing() == before == ["run_config.json"]
+
+    # a checkpoint: the run has started
+    run.checkpoint_dir.mkdir(parents=True)
+    (run.checkpoint_dir / "state.json").write_text(json.dumps({"step": 3}))
+    assert not run.is_unstarted() and run.state() == "resume" and run.step() == 3
+    with pytest.raises(RunFolderError, match="already holds a run: pass --resume"):
+        run.prepare(resume=False, overwrite=False)
+    run.prepare(resume=True, overwrite=False)
+    run.prepare(resume=False, overwrite=True)  # replaced only when the new run commits
+    assert (run.checkpoint_dir / "state.json").exists()
+
+    # a finished SAE (no checkpoint left), then the metrics too
+    shutil.rmtree(run.checkpoint_dir)
+    run.sae_dir.mkdir()
+    (run.sae_dir / "cfg.json").write_text("{}")
+    assert not run.is_unstarted()
+    with pytest.raises(RunFolderError, match="already holds a run"):
+        run.prepare(resume=False, overwrite=False)
+    run.write_metrics({"fvu": 0.5})
+    assert run.state() == "finished"
+    with pytest.raises(RunFolderError, match="already holds a run"):
+        run.prepare(resume=False, overwrite=False)
+    run.prepare(resume=False, overwrite=True)
+    assert run.has_sae() and run.is_finished()
+
+    # a folder of something else: refused with and without the flags, and left alone
     other = tmp_path / "notes"
     other.mkdir()
+    RunFolder(other).prepare(resume=False, overwrite=False)  # empty: fine
     (other / "keep.txt").write_text("x")
-    with pytest.raises(RunFolderError, match="holds no saelab run"):
-        RunFolder(other).prepare(resume=False, overwrite=True)
-    assert (other / "keep.txt").exists()
+    for resume, overwrite in ((False, False), (False, True), (True, False)):
+        with pytest.raises(RunFolderError, match="holds no saelab run"):
+            RunFolder(other).prepare(resume=resume, overwrite=overwrite)
+    assert [q.name for q in other.iterdir()] == ["keep.txt"]
 
 
 def test_runfolder_lock_refuses_a_second_holder(tmp_path):
@@ -237,7 +275,7 @@ def test_pipeline_streams_batches_to_fit_from_batches(tiny, tmp_path, monkeypatc
         out=str(tmp_path / "run"))
     summary = train_run(cfg, progress=False, log=lambda *_: None)
     assert [b.shape for b in seen] == [torch.Size([128, 64])] * 5  # tokens // batch_size
-    # the stream is normalised as for training: E|x| = sqrt(d_in) (METHODS §0.3)
+    # the stream is normalised as for training: E|x| = sqrt(d_in) (docs/methods.md §0.3)
     norms = torch.cat(seen).norm(dim=1)
     assert norms.mean().item() == pytest.approx(64 ** 0.5, rel=0.2)
     m = summary.metrics

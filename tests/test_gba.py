@@ -1,4 +1,4 @@
-"""Group Bias Adaptation (METHODS.md §8, §16.14): TAF groups, the bias update and its clamps,
+"""Group Bias Adaptation (docs/methods.md §8, §16.14): TAF groups, the bias update and its clamps,
 no optimiser updates to the biases, update timing, exact resume, training, saving."""
 
 import pytest

@@ -1,4 +1,4 @@
-"""g-SAE (METHODS §7) end to end: gradient harvest, (x, g) stream, selection rule, training,
+"""g-SAE (docs/methods.md §7) end to end: gradient harvest, (x, g) stream, selection rule, training,
 pipeline with the gradient splice."""
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Gradient pursuit (METHODS §12.5a): against a naive per-token loop, and support recovery."""
+"""Gradient pursuit (docs/methods.md §12.5a): against a naive per-token loop, and support recovery."""
 
 from __future__ import annotations
 

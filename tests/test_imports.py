@@ -27,16 +27,16 @@ import tokenize
 from dataclasses import dataclass
 from pathlib import Path
 
-import pytest
-
 SRC = Path(__file__).resolve().parents[1] / "src" / "saelab"
 
 #: layer of each top-level component (first name after ``saelab.``); "" is the package __init__.
 #: A module may import its own layer or lower ones, never a higher one.
 LAYERS: dict[str, int] = {
     # 0: foundations, no saelab dependency beyond each other
-    # (dist: torch.distributed helpers; locks: advisory file locks; runtime: device/env checks)
+    # (dist: torch.distributed helpers; locks: advisory file locks; runtime: device/env checks;
+    # plotting: headless matplotlib, loaded on use, for every layer that draws)
     "errors": 0, "fsutil": 0, "dtypes": 0, "config": 0, "runtime": 0, "dist": 0, "locks": 0,
+    "plotting": 0,
     # 1: the three kinds of things saelab handles: models, activations, SAEs (+ their file format)
     "models": 1, "data": 1, "saes": 1, "io": 1,
     # 2: the stages: harvest activations (LM -> store), train, evaluate, analyse. harvest needs
@@ -423,13 +423,6 @@ def test_every_component_has_a_layer():
     assert comps <= set(LAYERS), f"give these a layer in LAYERS: {sorted(comps - set(LAYERS))}"
 
 
-# Strict once the restructuring of issue 8 lands; the coordinator flips this marker then.
-@pytest.mark.xfail(strict=False, reason=(
-    "issue-8 restructuring in progress; baseline while writing this test: 0 cycles (the "
-    "config <-> saes cycle was 1 module + 1 component cycle at the start), 3 upward imports "
-    "(analysis.dark_matter -> pipeline x2, analysis._dark_matter_plots -> report.plots), "
-    "155 function-level imports (135 of saelab modules, 10 of light packages, 10 heavy ones "
-    "without a reason comment); the assertion message lists each"))
 def test_saelab_import_layering():
     v = check(SRC)
     assert not any(v.values()), report(v)

@@ -1,4 +1,4 @@
-"""ITDA (METHODS §9): the greedy rule on planted data, labels, growth, save/load."""
+"""ITDA (docs/methods.md §9): the greedy rule on planted data, labels, growth, save/load."""
 
 from __future__ import annotations
 
@@ -30,7 +30,7 @@ def _planted(d=16, K=40, n=1200, noise=0.01, seed=0):
 def test_greedy_rule_recovers_planted_directions():
     d, K = 16, 40  # more directions than dimensions: the bootstrap alone cannot hold them
     x, U = _planted(d, K)
-    sae = _itda(d, k=1, delta=1e-3, batch_rows=8)
+    sae = _itda(d, itda_k=1, delta=1e-3, batch_rows=8)
     sae.fit_from_batches(iter(x.split(100)), total_rows=len(x))
     best_cos = (U @ sae.W_dec.T).abs().amax(dim=1)
     assert (best_cos > 0.99).all(), best_cos.min()
@@ -57,7 +57,7 @@ def test_labels_follow_atoms_and_duplicates_are_dropped():
     n = len(x)
     rows = LabelledRows(x, window=torch.arange(n) // 10, pos=torch.arange(n) % 10,
                         token=torch.arange(n) + 1000)
-    sae = _itda(d, k=2, delta=1e-4, batch_rows=100)
+    sae = _itda(d, itda_k=2, delta=1e-4, batch_rows=100)
     sae.fit_from_batches([rows], total_rows=n)
     assert sae.build_stats["build_tokens"] == n
     assert len(torch.unique(sae.W_dec, dim=0)) == sae.d_sae
@@ -70,8 +70,8 @@ def test_labels_follow_atoms_and_duplicates_are_dropped():
 def test_gram_growth_equals_residual_path():
     d = 12
     x, _ = _planted(d, K=30, n=600, seed=2)
-    a = _itda(d, k=3, delta=2e-3, batch_rows=50)
-    b = _itda(d, k=3, delta=2e-3, batch_rows=50, gram_max_atoms=0)
+    a = _itda(d, itda_k=3, delta=2e-3, batch_rows=50)
+    b = _itda(d, itda_k=3, delta=2e-3, batch_rows=50, gram_max_atoms=0)
     a.fit_from_batches(iter(x.split(50)), len(x))
     b.fit_from_batches(iter(x.split(50)), len(x))
     assert a.d_sae == b.d_sae
@@ -80,10 +80,10 @@ def test_gram_growth_equals_residual_path():
 
 def test_max_atoms_and_token_budget():
     x, _ = _planted(16, K=40, seed=3)
-    sae = _itda(16, k=1, delta=1e-3, batch_rows=8, max_atoms=20)
+    sae = _itda(16, itda_k=1, delta=1e-3, batch_rows=8, max_atoms=20)
     sae.fit_from_batches(iter(x.split(8)), total_rows=len(x))
     assert sae.d_sae == 20
-    sae = _itda(16, k=1, delta=1e-3, batch_rows=8)
+    sae = _itda(16, itda_k=1, delta=1e-3, batch_rows=8)
     sae.fit_from_batches(iter(x.split(8)), total_rows=100)
     assert sae.build_stats["build_tokens"] == 100
 
@@ -95,18 +95,41 @@ def test_save_load_roundtrip(tmp_path):
     n = len(x)
     rows = LabelledRows(x.float(), window=torch.arange(n) + 70_000, pos=torch.arange(n) % 128,
                         token=torch.arange(n) + 200_000)
-    sae = _itda(16, dtype=torch.float32, k=3, delta=1e-3, batch_rows=64, nonneg=True)
+    sae = _itda(16, dtype=torch.float32, itda_k=3, delta=1e-3, batch_rows=64, nonneg=True)
     sae.fit_from_batches([rows], n)
     save_sae(sae, tmp_path / "itda")
     back = load_sae(tmp_path / "itda")
     assert back.architecture == "itda" and back.d_sae == sae.d_sae
-    assert back.options.k == 3 and back.options.nonneg
+    assert back.options.itda_k == 3 and back.options.nonneg
     torch.testing.assert_close(back.W_dec, sae.W_dec)
     for name in ("atom_window", "atom_pos", "atom_token", "atom_doc"):
         assert getattr(back, name).dtype == torch.long
         assert torch.equal(getattr(back, name), getattr(sae, name))
     torch.testing.assert_close(back(x[:20].float()).recon, sae(x[:20].float()).recon)
 
+
+
+def test_folder_saved_with_old_option_name_k_loads_its_l0(tmp_path):
+    """ITDA's MP L0 was the option `k` before it became `itda_k` (so it no longer clashes with
+    TopK's --k): such a cfg.json still loads, its L0 taken from the saved `itda_k` tensor."""
+    import json
+
+    from saelab.io import load_sae, save_sae
+
+    x, _ = _planted(16, K=40, seed=4)
+    sae = _itda(16, dtype=torch.float32, itda_k=5, delta=1e-3, batch_rows=64)
+    sae.fit_from_batches([x.float()], len(x))
+    save_sae(sae, tmp_path / "itda")
+    cfg_path = tmp_path / "itda" / "cfg.json"
+    raw = cfg_path.read_text()
+    assert raw.count('"itda_k": 5') == 1, raw
+    cfg_path.write_text(raw.replace('"itda_k": 5', '"k": 5'))
+    assert "itda_k" not in json.loads(cfg_path.read_text())["saelab"]["config"]["options"]
+    back = load_sae(tmp_path / "itda")
+    assert back.options.itda_k == 5
+    # MP at L0 5: at most 5 atoms per token, as in the built SAE
+    l0 = (back.encode(x[:50].float()) != 0).sum(1)
+    assert int(l0.max()) == 5 and torch.equal(l0, (sae.encode(x[:50].float()) != 0).sum(1))
 
 def test_integer_labels_survive_save_load_exactly(tmp_path):
     """io keeps integer tensors' dtype: a label beyond float32's exact range comes back."""
@@ -116,7 +139,7 @@ def test_integer_labels_survive_save_load_exactly(tmp_path):
     big = 2**40 + 3  # float32 would round this
     rows = LabelledRows(x.float(), window=torch.full((len(x),), big), pos=torch.arange(len(x)),
                         token=torch.arange(len(x)))
-    sae = _itda(16, dtype=torch.float32, k=3, delta=1e-3, batch_rows=64)
+    sae = _itda(16, dtype=torch.float32, itda_k=3, delta=1e-3, batch_rows=64)
     sae.fit_from_batches([rows], len(x))
     save_sae(sae, tmp_path / "itda")
     from safetensors.torch import load_file
@@ -142,7 +165,7 @@ def test_pipeline_builds_itda_from_labelled_store_rows(tiny, tmp_path):
         model=ModelConfig(model=str(lm), hook="blocks.1.hook_resid_post", device="cpu",
                           model_dtype="float32"),
         data=data, sae=SAEConfig(architecture="itda", d_sae=1,
-                                 options=ITDAOptions(k=4, delta=1e-3, batch_rows=64)),
+                                 options=ITDAOptions(itda_k=4, delta=1e-3, batch_rows=64)),
         train=TrainConfig(tokens=600, batch_size=100), eval=EvalConfig(200, 2),
         out=str(tmp_path / "run"))
     summary = train_run(cfg, progress=False, log=lambda *_: None)

@@ -1,4 +1,4 @@
-"""JumpReLU SAE (METHODS §3): the function, folding, the registry, the gated → JumpReLU
+"""JumpReLU SAE (docs/methods.md §3): the function, folding, the registry, the gated → JumpReLU
 conversion, the straight-through estimators (§16.4) and training with each sparsity loss."""
 
 from __future__ import annotations
@@ -73,7 +73,7 @@ def test_fold_decoder_norms_keeps_function():
         sae.fold_decoder_norms()
         torch.testing.assert_close(sae.W_dec.norm(dim=1), torch.ones(D_SAE))
         torch.testing.assert_close(sae(x).recon, recon_before, atol=1e-4, rtol=0)
-        # latents become f_i·‖d_i‖ (METHODS §1.5): the same firing pattern, rescaled
+        # latents become f_i·‖d_i‖ (docs/methods.md §1.5): the same firing pattern, rescaled
         torch.testing.assert_close(sae.encode(x), f_before * norms, atol=1e-4, rtol=1e-5)
 
 
@@ -155,7 +155,7 @@ def test_gated_to_jumprelu_is_exact():
         torch.testing.assert_close(jr(x).recon, gated(x).recon, atol=1e-5, rtol=1e-5)
 
 
-# ---- straight-through estimators (METHODS §3.3, §16.4) -------------------------------------------
+# ---- straight-through estimators (docs/methods.md §3.3, §16.4) -------------------------------------------
 EPS = 1e-3
 
 

@@ -1,4 +1,4 @@
-"""Batched matching pursuit against a naive per-row float64 loop (METHODS §9.2)."""
+"""Batched matching pursuit against a naive per-row float64 loop (docs/methods.md §9.2)."""
 
 from __future__ import annotations
 

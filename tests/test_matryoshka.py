@@ -1,4 +1,4 @@
-"""Matryoshka SAE (METHODS.md §13.1): groups, the prefix loss, training, truncation, inference."""
+"""Matryoshka SAE (docs/methods.md §13.1): groups, the prefix loss, training, truncation, inference."""
 
 import pytest
 import torch

@@ -1,4 +1,4 @@
-"""Metric definitions (METHODS.md §2.7, §13.2, §16.1, §16.12)."""
+"""Metric definitions (docs/methods.md §2.7, §13.2, §16.1, §16.12)."""
 
 import pytest
 import torch

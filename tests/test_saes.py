@@ -1,4 +1,4 @@
-"""Properties of the ReLU and Gated families (METHODS.md §1, §2, §16)."""
+"""Properties of the ReLU and Gated families (docs/methods.md §1, §2, §16)."""
 
 import pytest
 import torch

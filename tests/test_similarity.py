@@ -1,4 +1,4 @@
-"""Similarity measures (METHODS §9.4), char-span alignment and window char spans."""
+"""Similarity measures (docs/methods.md §9.4), char-span alignment and window char spans."""
 
 from __future__ import annotations
 

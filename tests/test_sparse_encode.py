@@ -1,5 +1,5 @@
 """The sparse encoder backward of the TopK family (saes/sparse.py) gives autograd's exact
-gradients, and TopK-family training through it still learns (METHODS §4, §5, §0.6)."""
+gradients, and TopK-family training through it still learns (docs/methods.md §4, §5, §0.6)."""
 
 import copy
 
@@ -257,7 +257,7 @@ def test_topk_training_reduces_fvu(arch):
 
 
 def _naive_batch_topk_loss(sae, x, dead):
-    """METHODS §4.8 / §13.1 / §0.6 written densely with plain autograd: the global top k·B of
+    """docs/methods.md §4.8 / §13.1 / §0.6 written densely with plain autograd: the global top k·B of
     ReLU(π), batch FVU per prefix (Matryoshka) or of the full code, plus α·AuxK."""
     W, b_enc, b_dec, W_dec = sae.W_enc, sae.b_enc, sae.b_dec, sae.W_dec
     acts = torch.relu(((x - b_dec) if sae.cfg.apply_b_dec_to_input else x) @ W + b_enc)

@@ -270,8 +270,18 @@ SYNTH_DEFAULT_KNOWN_FAILURES = {
 }
 
 
+# Not run at the synth defaults: ITDA does not learn a dictionary by gradient descent; it keeps
+# whole (normalised) activations as atoms, each a mixture of ~4 true features here, so feature
+# recovery is not what it claims, and its greedy build over the default 1M samples (no atom cap)
+# did not finish in 25 minutes on 2 cores. Its construction rule is tested on planted directions
+# in tests/test_itda.py.
+SYNTH_DEFAULT_NOT_RUN = {"itda"}
+
+
 def _default_params():
     for name in sorted(architectures(trainable_only=True)):
+        if name in SYNTH_DEFAULT_NOT_RUN:
+            continue
         marks = [pytest.mark.slow]
         if name in SYNTH_DEFAULT_KNOWN_FAILURES:
             marks.append(pytest.mark.xfail(strict=True, reason=SYNTH_DEFAULT_KNOWN_FAILURES[name]))

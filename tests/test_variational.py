@@ -1,4 +1,4 @@
-"""Variational TopK SAE (METHODS.md §11): KL formulas, deterministic inference, reproducible
+"""Variational TopK SAE (docs/methods.md §11): KL formulas, deterministic inference, reproducible
 training noise, the fixed-variance modes, training, and the KL's effect on dead latents."""
 
 import math

@@ -21,7 +21,7 @@ from saelab.cliargs import add_dataclass_args, build, given
 from saelab.config import EvalConfig, HarvestConfig, RunConfig, SweepConfig, SynthConfig
 from saelab.data.interop import export_saelens
 from saelab.errors import ConfigError, SaelabError
-from saelab.evals.registry import parse_evals
+from saelab.evals.registry import evals, parse_evals
 from saelab.harvest import harvest_hooks
 from saelab.pipeline import evaluate_run, train_run
 from saelab.report.dashboard import DashboardConfig, build_dashboard
@@ -74,8 +74,8 @@ def _parser() -> argparse.ArgumentParser:
     e.add_argument("run", help="run folder written by `saelab train` (or an SAE folder)")
     add_dataclass_args(e, EvalConfig)
     e.add_argument("--evals", default="", metavar="NAME,NAME,...",
-                   help="evals to run (default: all): core (reconstruction), ce (CE/KL with "
-                        "the SAE spliced in), density (dead/dense latents)")
+                   help="evals to run (default: all): " + "; ".join(
+                       f"{name}: {ev.help}" for name, ev in evals().items()))
     e.add_argument("--skip-ce", action="store_true",
                    help="skip the LM-splice CE/KL metrics (drops ce from --evals)")
     e.add_argument("--encoder", choices=("sae", "gp"), default="sae",

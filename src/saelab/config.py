@@ -172,11 +172,11 @@ class SAEConfig:
         "aux loss, unit-norm decoder; default) or 'april'.",
     )
     apply_b_dec_to_input: bool | None = opt(
-        None, "Subtract b_dec before encoding (METHODS §0.2); default per family/variant."
+        None, "Subtract b_dec before encoding (docs/methods.md §0.2); default per family/variant."
     )
     normalize_activations: str | None = opt(
         None,
-        "Input normalisation (METHODS §0.3): none, scalar_sqrt_d (E||x|| = sqrt(d); the "
+        "Input normalisation (docs/methods.md §0.3): none, scalar_sqrt_d (E||x|| = sqrt(d); the "
         "default of most families) or scalar_unit_mean_sq_norm (E||x||^2 = 1; JumpReLU's). "
         "Folded into the weights at save time.",
         choices=("none", "scalar_sqrt_d", "scalar_unit_mean_sq_norm"),
@@ -184,7 +184,7 @@ class SAEConfig:
     init_decoder_norm: float = opt(0.1, "Row norm of the initial decoder for the April-style ReLU.")
     b_dec_init: str | None = opt(
         None,
-        "Initial b_dec (METHODS §0.7): geometric_median (the default of every family but "
+        "Initial b_dec (docs/methods.md §0.7): geometric_median (the default of every family but "
         "topafa) or mean of a 32,768-row sample, or zeros (the [R] default of the Gated and "
         "April recipes, and topafa's, see its docstring). Data-based init matters for "
         "short runs: at SmolLM2 layer 12 the mean activation is ~70% of the RMS norm, which Adam "
@@ -218,7 +218,7 @@ class SAEConfig:
 
 @dataclass
 class TrainConfig:
-    """Optimisation settings. ``None`` means the family's default (see METHODS.md)."""
+    """Optimisation settings. ``None`` means the family's default (see docs/methods.md)."""
 
     tokens: int = opt(
         640_000, "Training token budget (activation rows seen by the optimiser). The default fits "
@@ -236,7 +236,7 @@ class TrainConfig:
     l1_warmup_fraction: float = opt(0.05, "Linear sparsity-coefficient warm-up over this fraction of steps.")
     grad_clip: float = opt(1.0, "Gradient-norm clipping threshold; 0 disables.")
     dead_window_tokens: int | None = opt(
-        None, "A latent is dead if it has not fired in this many training tokens (METHODS §0.5; "
+        None, "A latent is dead if it has not fired in this many training tokens (docs/methods.md §0.5; "
         "drives AuxK). Default: min(10M, a fifth of --tokens); the spec's 10M-token default "
         "would never mark a latent dead in a run shorter than 10M tokens."
     )

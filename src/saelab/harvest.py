@@ -21,13 +21,15 @@ a store without grads is refused for a request with them.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import itertools
+import json
 import logging
 import shutil
 import time
 import warnings
 from collections.abc import Callable, Iterable, Iterator
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
@@ -35,7 +37,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from saelab.config import EMBEDDED, HarvestConfig
+from saelab.config import EMBEDDED, HarvestConfig, RunConfig
 from saelab.data.corpus import iter_documents
 from saelab.data.store import DTYPES, MANIFEST, ActivationStore, StoreSpec, StoreWriter
 from saelab.data.windows import batch_windows, drop_norm_outliers, iter_windows, keep_mask
@@ -50,6 +52,8 @@ from saelab.errors import (
 from saelab.locks import hold_lock
 from saelab.models.hooks import KINDS, HookPoint, _activation, hook_module, parse_hook
 from saelab.models.loading import LoadedModel, load_model
+from saelab.runtime import cache_root
+from saelab.saes.registry import get_family
 
 log = logging.getLogger(__name__)
 # order of the hook points inside one block: attention output, MLP output, block output
@@ -233,6 +237,24 @@ def run_to_hooks(model: nn.Module, input_ids_BT: Tensor, hooks: list[HookPoint])
     if missing:
         raise HookError(f"hook {', '.join(missing)}: the hooked module did not run in the forward")
     return [captured[i] for i in range(len(hooks))]
+
+
+def default_store_path(cfg: RunConfig, tokens: int) -> Path:
+    """The cached training store of a run (``saelab train`` without --store), keyed by
+    everything that changes its contents."""
+    fields = {"model": cfg.model.model, "hook": cfg.model.hook,
+              "dtype": cfg.model.model_dtype, "data": asdict(cfg.data), "tokens": tokens}
+    grads = needs_lm_grads(cfg)
+    if grads:  # its own key (stores without grads keep their old keys)
+        fields["with_grads"] = True
+    digest = hashlib.sha1(json.dumps(fields, sort_keys=True).encode()).hexdigest()[:12]
+    name = f"{Path(cfg.model.model).name}-{cfg.model.hook}-{tokens}{'-grads' if grads else ''}"
+    return cache_root() / "stores" / f"{name}-{digest}"
+
+
+def needs_lm_grads(cfg: RunConfig) -> bool:
+    """True if the family trains on LM-loss gradients beside the activations (g-SAE)."""
+    return get_family(cfg.sae.architecture).uses_lm_grads
 
 
 def store_paths(cfg: HarvestConfig) -> dict[str, Path]:

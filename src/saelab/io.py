@@ -134,7 +134,7 @@ def saelens_cfg(sae: SAE, metadata: dict[str, Any] | None = None) -> dict[str, A
         # SAELens' load_from_disk overrides this with its device argument; cpu is portable.
         "device": "cpu",
         "apply_b_dec_to_input": bool(sae.cfg.apply_b_dec_to_input),
-        # Input normalisation is folded into the weights before saving (METHODS §0.3).
+        # Input normalisation is folded into the weights before saving (docs/methods.md §0.3).
         "normalize_activations": "none",
         "reshape_activations": "hook_z" if hook_name.endswith("hook_z") else "none",
     }

@@ -10,13 +10,11 @@ evaluates as usual.
 from __future__ import annotations
 
 import copy
-import hashlib
-import json
 import os
 import shutil
 import time
 from collections.abc import Iterator
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -31,13 +29,13 @@ from saelab.evals.facts import RunFacts
 from saelab.evals.metrics import log10_density
 from saelab.evals.registry import metrics_of, parse_evals
 from saelab.evals.saebench import core_output
-from saelab.harvest import harvest
+from saelab.harvest import default_store_path, harvest, needs_lm_grads
 from saelab.io import load_sae, read_metadata, saelens_cfg, save_sae
 from saelab.models.hooks import parse_hook
 from saelab.models.loading import load_model
 from saelab.report.plots import plot_density
 from saelab.runfolder import RUN_CONFIG, SAE_DIR, RunFolder
-from saelab.runtime import cache_root, parse_dtype, resolve_device, tune_malloc
+from saelab.runtime import parse_dtype, resolve_device, tune_malloc
 from saelab.saes._gradient_pursuit import GPEncodedSAE
 from saelab.saes.registry import build_sae, get_family, validate_sae_config
 from saelab.train.distributed import init_from_env, prepare_ranks
@@ -45,23 +43,6 @@ from saelab.train.trainer import Trainer, TrainResult
 
 __all__ = ["RUN_CONFIG", "SAE_DIR", "RunSummary", "default_store_path", "evaluate_and_save",
            "evaluate_run", "fit_sae", "prepare_run", "resolve_store", "train_run"]
-
-
-def default_store_path(cfg: RunConfig, tokens: int) -> Path:
-    """A cached store keyed by everything that changes its contents."""
-    fields = {"model": cfg.model.model, "hook": cfg.model.hook,
-              "dtype": cfg.model.model_dtype, "data": asdict(cfg.data), "tokens": tokens}
-    grads = needs_lm_grads(cfg)
-    if grads:  # its own key (stores without grads keep their old keys)
-        fields["with_grads"] = True
-    digest = hashlib.sha1(json.dumps(fields, sort_keys=True).encode()).hexdigest()[:12]
-    name = f"{Path(cfg.model.model).name}-{cfg.model.hook}-{tokens}{'-grads' if grads else ''}"
-    return cache_root() / "stores" / f"{name}-{digest}"
-
-
-def needs_lm_grads(cfg: RunConfig) -> bool:
-    """True if the family trains on LM-loss gradients beside the activations (g-SAE)."""
-    return get_family(cfg.sae.architecture).uses_lm_grads
 
 
 @dataclass

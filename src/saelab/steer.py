@@ -17,7 +17,9 @@ generation, so the same seed gives the same text.
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Callable
+from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -26,6 +28,12 @@ from torch import Tensor
 
 from saelab.config import opt
 from saelab.errors import ConfigError
+from saelab.evals.evaluate import heldout_windows
+from saelab.io import load_sae
+from saelab.models.hooks import parse_hook, run_to_hook, splice
+from saelab.models.loading import load_model
+from saelab.report.dashboard import run_configs
+from saelab.runtime import resolve_device
 
 MODES = ("additive", "clamp")
 
@@ -124,10 +132,6 @@ def _prompt_ids(tokenizer, prompt: str, prepend_bos: bool) -> Tensor:
 def generate(lm, ids_1T: Tensor, cfg: SteerConfig, fn: Callable[[Tensor], Tensor] | None,
              hook) -> str:
     """One continuation of ``ids_1T``, steered by ``fn`` at ``hook`` (None: clean)."""
-    from contextlib import nullcontext
-
-    from saelab.models.hooks import splice
-
     torch.manual_seed(cfg.seed)
     kw = {"do_sample": False} if cfg.greedy else {"do_sample": True,
                                                   "temperature": cfg.temperature}
@@ -161,11 +165,6 @@ def steer(sae, lm, hook, cfg: SteerConfig, max_act: float,
 @torch.inference_mode()
 def measure_max_act(sae, lm, hook, data_cfg, latent: int, tokens: int) -> float:
     """Largest activation of ``latent`` on the first ``tokens`` held-out tokens."""
-    import math
-
-    from saelab.evals.evaluate import heldout_windows
-    from saelab.models.hooks import run_to_hook
-
     per = max(1, data_cfg.context_size - data_cfg.exclude_first_positions)
     windows_NT, keep_NT = heldout_windows(lm, data_cfg, max(1, math.ceil(tokens / per)))
     best = 0.0
@@ -189,12 +188,6 @@ def _dashboard_max_act(run: Path, latent: int) -> float | None:
 
 def steer_run(run: str | Path, cfg: SteerConfig, log=print) -> tuple[list[SteerRow], float]:
     """`saelab steer RUN`: load the run's SAE and LM and steer; returns (rows, max_act)."""
-    from saelab.io import load_sae
-    from saelab.models.hooks import parse_hook
-    from saelab.models.loading import load_model
-    from saelab.report.dashboard import run_configs
-    from saelab.runtime import resolve_device
-
     cfg.validate()
     run = Path(run)
     model_cfg, data_cfg, _, sae_dir = run_configs(run)

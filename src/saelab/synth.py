@@ -83,11 +83,12 @@ class SynthResult:
 def family_config(name: str, cfg: SynthConfig, k: int,
                   overrides: dict[str, Any] | None = None) -> SAEConfig:
     """The SAE config the benchmark trains for family ``name``: defaults, ``k`` (as
-    ``options.k`` where the family has a k, JumpReLU's ``options.target_l0``),
+    ``options.k`` where the family has a k, ITDA's ``options.itda_k``, JumpReLU's
+    ``options.target_l0``),
     :data:`SYNTH_SETTINGS`, the family's ``--levels`` value, then ``overrides`` (dotted SAEConfig paths such as ``options.k`` or
     ``l1_coefficient``, for API callers)."""
     sae_cfg = with_family(SAEConfig(architecture=name, d_in=cfg.data.d, d_sae=cfg.d_sae))
-    for field_name, value in (("k", k), ("target_l0", float(k))):
+    for field_name, value in (("k", k), ("itda_k", k), ("target_l0", float(k))):
         if hasattr(sae_cfg.options, field_name):
             setattr(sae_cfg.options, field_name, value)
     for path, value in SYNTH_SETTINGS.get(name, {}).items():

@@ -1,4 +1,4 @@
-"""The computations of the dark-matter analysis (METHODS §12) on in-memory activation rows.
+"""The computations of the dark-matter analysis (docs/methods.md §12) on in-memory activation rows.
 
 Rows ``x_ND`` (float32, CPU) are already shuffled: rows ``[0, n_fit)`` are the fitting half,
 the rest the held-out half on which every R² and FVU is reported. Every pass runs in chunks on
@@ -24,6 +24,7 @@ from saelab.analysis._dark_matter_lstsq import (
     fit_eval_r2,
     reduction,
 )
+from saelab.saes._gradient_pursuit import gp_encode
 
 ReconFn = Callable[[Tensor], tuple[Tensor, Tensor]]
 COMPONENTS = ("x", "x_hat", "e_lin", "e_nl")
@@ -40,8 +41,6 @@ def sae_recon_fn(sae) -> ReconFn:
 
 def gp_recon_fn(sae, chunk_rows: int = 1024) -> ReconFn:
     """Gradient pursuit on the SAE's decoder, each token to the L0 of the SAE's own encoder."""
-    from saelab.saes._gradient_pursuit import gp_encode
-
     def fn(x_BD: Tensor) -> tuple[Tensor, Tensor]:
         dev, dt = sae.W_dec.device, sae.W_dec.dtype
         x = x_BD.to(dev, dt)
@@ -58,7 +57,7 @@ def chunks(n: int, size: int, start: int = 0) -> Iterator[slice]:
 
 @dataclass
 class Decomposition:
-    """One SAE's split ``x = x̂ + e_lin + e_nl`` (METHODS §12.1) and its held-out metrics."""
+    """One SAE's split ``x = x̂ + e_lin + e_nl`` (docs/methods.md §12.1) and its held-out metrics."""
 
     error_map: LinearMap  # x -> e   (A*, and b when fitted with an intercept)
     norm_map: LinearMap  # x -> ‖e‖²
@@ -154,7 +153,7 @@ def norm_baselines(dec: Decomposition, tokens_N: Tensor, n_fit: int) -> dict[str
 
 
 def scaling_matrices(decs: list[Decomposition], n_fit: int) -> dict[str, list[list[float]]]:
-    """Per-token scaling predictability across widths (METHODS §12.3): for every pair (i, j),
+    """Per-token scaling predictability across widths (docs/methods.md §12.3): for every pair (i, j),
     R² of ‖e_j‖ regressed on ``[‖e_i‖, 1]``, and the percentage of the remaining variance
     explained when ``‖e_nl,i‖`` is added; fitted on one half, scored on the other."""
     n = len(decs)
@@ -202,7 +201,7 @@ def cross_maps(x_ND: Tensor, n_fit: int, target: tuple[ReconFn, Decomposition],
                sources: dict[str, tuple[Tensor, ReconFn, Decomposition]], *,
                combined: bool = True, intercept: bool = False, chunk_rows: int = 4096,
                device: torch.device | str = "cpu", rcond: float = 1e-9) -> dict:
-    """Earlier-component linear maps (METHODS §12.5b): regress the target's total error ``e``
+    """Earlier-component linear maps (docs/methods.md §12.5b): regress the target's total error ``e``
     and nonlinear error ``e_nl`` on each component (x, x̂, e_lin, e_nl) of each source SAE
     (rows aligned with ``x_ND``), and, with ``combined``, on all sources' x̂ together.
 

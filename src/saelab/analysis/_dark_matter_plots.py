@@ -4,15 +4,16 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
 import torch
+
+from saelab.plotting import pyplot
 
 
 def write_plots(r: dict, dec, n_fit: int, out: Path) -> list[str]:
     """Predicted vs true ‖e‖², the per-token scaling R² heatmaps, FVU vs width (split and
     fit), and GP before/after; returns the files written."""
-    from saelab.report.plots import _pyplot  # reason: matplotlib is heavy, import on use
-
-    plt = _pyplot()
+    plt = pyplot()
     files = []
 
     # predicted vs true ‖e‖² on held-out rows
@@ -31,8 +32,6 @@ def write_plots(r: dict, dec, n_fit: int, out: Path) -> list[str]:
 
     s = r.get("scaling")
     if s:
-        import numpy as np
-
         labels = [str(int(w)) for w in s["widths"]]
         fig, axes = plt.subplots(1, 2, figsize=(9, 3.8), dpi=120)
         for ax, key, title in ((axes[0], "r2", "R² of ‖e_j‖ from [‖e_i‖, 1]"),

@@ -1,4 +1,4 @@
-"""Representation-similarity measures for `saelab similarity` (METHODS §9.4).
+"""Representation-similarity measures for `saelab similarity` (docs/methods.md §9.4).
 
 All take two representations of the *same* N inputs, ``X_ND`` and ``Y_NE`` (widths may
 differ), except :func:`jaccard`, which compares ITDA atom label sets, and

@@ -1,4 +1,4 @@
-"""`saelab darkmatter RUN [RUN ...] --out DIR`: the SAE dark-matter analysis (METHODS §12;
+"""`saelab darkmatter RUN [RUN ...] --out DIR`: the SAE dark-matter analysis (docs/methods.md §12;
 Engels, Riggs & Tegmark, "Decomposing The Dark Matter of Sparse Autoencoders", TMLR 2025).
 
 On held-out activation rows (documents the SAEs never trained on; rows shuffled with the seed,
@@ -27,6 +27,7 @@ import hashlib
 import json
 import math
 import time
+import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -34,9 +35,31 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from saelab.analysis import _dark_matter_core as core
+from saelab.analysis._dark_matter_plots import write_plots
 from saelab.analysis.registry import Analysis, register_analysis
-from saelab.config import opt
+from saelab.config import (
+    DataConfig,
+    HarvestConfig,
+    ModelConfig,
+    RunConfig,
+    SAEConfig,
+    TrainConfig,
+    from_dict,
+    opt,
+)
+from saelab.data.store import ActivationStore
+from saelab.data.stream import ActivationStream, norm_scale_of_rows
 from saelab.errors import ConfigError
+from saelab.evals.evaluate import heldout_windows
+from saelab.fsutil import atomic_write_json
+from saelab.harvest import default_store_path, harvest
+from saelab.io import load_sae, read_metadata, save_sae
+from saelab.models.hooks import parse_hook, splice
+from saelab.models.loading import load_model
+from saelab.runtime import cache_root, resolve_device
+from saelab.saes.registry import build_sae
+from saelab.train.trainer import Trainer
 
 
 @dataclass
@@ -137,9 +160,6 @@ class _Run:
 
 
 def _load_run(path: str | Path) -> _Run:
-    from saelab.config import DataConfig, ModelConfig, RunConfig, from_dict
-    from saelab.io import read_metadata
-
     path = Path(path)
     if (path / "run_config.json").exists():
         cfg = from_dict(RunConfig, json.loads((path / "run_config.json").read_text()))
@@ -168,19 +188,12 @@ class _LM:
 
     def get(self):
         if self._lm is None:
-            from saelab.models.loading import load_model
-
             self._lm = load_model(self.model_cfg)
         return self._lm
 
 
 def _eval_store(run: _Run, data, hook: str, tokens: int, given: str, lm: _LM, progress: bool):
     """The held-out store at ``hook`` (given, or harvested into the cache with ``data``)."""
-    from saelab.config import HarvestConfig
-    from saelab.data.store import ActivationStore
-    from saelab.harvest import harvest
-    from saelab.runtime import cache_root
-
     if given:
         store = ActivationStore.open(given)
     else:
@@ -194,8 +207,6 @@ def _eval_store(run: _Run, data, hook: str, tokens: int, given: str, lm: _LM, pr
         store = harvest(HarvestConfig(model=mcfg, data=data, store=str(path), tokens=tokens,
                                       split="eval"), progress=progress, lm=lm.get())
     if store.split and store.split != "eval":
-        import warnings
-
         warnings.warn(f"store {store.path} is split {store.split!r}, not the held-out 'eval' "
                       "split: the SAE may have trained on these rows", stacklevel=2)
     return store
@@ -268,11 +279,6 @@ def train_topk(source, d_in: int, d_sae: int, k: int, tokens: int, *, batch_size
                progress: bool = False):
     """A TopK SAE (the library's defaults) trained on a tensor ``[N, d_in]`` or a store; returned
     acting on raw activations (input scale folded in)."""
-    from saelab.config import SAEConfig, TrainConfig
-    from saelab.data.stream import ActivationStream, norm_scale_of_rows
-    from saelab.saes.registry import build_sae
-    from saelab.train.trainer import Trainer
-
     cfg = SAEConfig(architecture="topk", d_in=d_in, d_sae=d_sae, options={"k": k})
     gen = torch.Generator().manual_seed(seed)
     sae = build_sae(cfg, device=device, generator=gen)
@@ -300,9 +306,6 @@ def train_topk(source, d_in: int, d_sae: int, k: int, tokens: int, *, batch_size
 def _width_saes(cfg: DarkMatterConfig, target: _Run, k: int, d_in: int, out: Path, device,
                 progress: bool, log) -> list[tuple[str, Any]]:
     """The --widths TopK SAEs, trained on the training store (or read back from DIR/widths)."""
-    from saelab.data.store import ActivationStore
-    from saelab.io import load_sae, save_sae
-
     store = None
     res = []
     for w in cfg.width_list():
@@ -330,8 +333,6 @@ def _train_store_path(cfg: DarkMatterConfig, target: _Run) -> str:
         rc = target.run_cfg
         if rc.store:
             return rc.store
-        from saelab.pipeline import default_store_path
-
         p = default_store_path(rc, rc.harvest_rows())
         if (p / "manifest.json").exists():
             return str(p)
@@ -345,8 +346,6 @@ def splice_ce(lm, hook, windows_NT: Tensor, keep_NT: Tensor,
               fns: dict[str, Any], batch_windows: int = 8) -> dict[str, float]:
     """Mean next-token CE (nats) with each ``fn(acts_ND) -> acts_ND`` applied to the kept
     positions of the hook's output (``None``: clean); predictions from kept positions scored."""
-    from saelab.models.hooks import splice
-
     sums = dict.fromkeys(fns, 0.0)
     n = 0
     for a in range(0, windows_NT.shape[0], batch_windows):
@@ -371,9 +370,6 @@ def splice_ce(lm, hook, windows_NT: Tensor, keep_NT: Tensor,
 
 
 def _ce_part(lm, target: _Run, sae, dec, n_windows: int, device) -> dict[str, float]:
-    from saelab.evals.evaluate import heldout_windows
-    from saelab.models.hooks import parse_hook
-
     hook = parse_hook(target.model.hook, lm.n_layers)
     windows, keep = heldout_windows(lm, target.data, n_windows)
     dev, dt = sae.W_dec.device, sae.W_dec.dtype
@@ -408,10 +404,6 @@ def _ce_part(lm, target: _Run, sae, dec, n_windows: int, device) -> dict[str, fl
 def run_darkmatter(cfg: DarkMatterConfig, runs: list[Path], out: Path,
                    progress: bool = True, log=print) -> DarkMatterOutput:
     """Run every part the config enables; see the module docstring."""
-    from saelab.analysis import _dark_matter_core as core
-    from saelab.io import load_sae
-    from saelab.runtime import resolve_device
-
     cfg.validate()
     if not runs:
         raise ConfigError("give at least one RUN (the SAE to analyse)")
@@ -570,11 +562,7 @@ def run_darkmatter(cfg: DarkMatterConfig, runs: list[Path], out: Path,
     claims = claims_table(results)
     res = DarkMatterOutput(str(out), results, claims)
     if cfg.plots:
-        from saelab.analysis._dark_matter_plots import write_plots
-
         results["plots"] = write_plots(results, dec, n_fit, out)
-    from saelab.fsutil import atomic_write_json
-
     atomic_write_json(out / "darkmatter.json", _jsonable(asdict(res)))
     return res
 
@@ -598,8 +586,6 @@ def _finished_parts(out: Path, cfg: DarkMatterConfig, runs: list[Path]) -> dict:
 def _saver(out: Path, results: dict):
     """Write the results so far (``darkmatter.json`` without the claims table), so that an
     interrupted analysis keeps its finished parts."""
-    from saelab.fsutil import atomic_write_json
-
     def save() -> None:
         atomic_write_json(out / "darkmatter.json", _jsonable({"path": str(out),
                                                               "results": results, "claims": []}))
@@ -622,7 +608,7 @@ def _f(v, fmt="{:.3f}") -> str:
 
 
 def claims_table(r: dict) -> list[dict[str, str]]:
-    """The paper's claims (METHODS §12.6) beside our numbers; 'not run' where a part was off."""
+    """The paper's claims (docs/methods.md §12.6) beside our numbers; 'not run' where a part was off."""
     d = r["decomposition"]
     rows = [
         {"claim": "(a) R² of the error vector from x", "paper": "≈ 0.5",

@@ -1,4 +1,4 @@
-"""`saelab similarity`: which layers of two models represent alike (METHODS §9.4).
+"""`saelab similarity`: which layers of two models represent alike (docs/methods.md §9.4).
 
 One forward per model over the same documents (every requested block's residual stream hooked
 at once), an ITDA per layer built in lockstep over the same inputs, and the Jaccard index of
@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from tqdm.auto import tqdm
 
 from saelab.analysis._similarity_measures import (
     align_token_ends,
@@ -35,8 +36,15 @@ from saelab.analysis._similarity_measures import (
     svcca_from_bases,
 )
 from saelab.analysis.registry import Analysis, register_analysis
-from saelab.config import opt
+from saelab.config import DataConfig, ModelConfig, SAEConfig, opt
+from saelab.data.corpus import iter_documents
+from saelab.data.windows import bos_id
 from saelab.errors import ConfigError
+from saelab.models.hooks import find_blocks
+from saelab.models.loading import canonical_model_name, load_model
+from saelab.plotting import pyplot
+from saelab.runtime import resolve_device
+from saelab.saes.itda import ITDA, ITDAOptions, LabelledRows
 
 MEASURES = ("itda_jaccard", "cka", "svcca", "relative")
 
@@ -115,9 +123,6 @@ def _encode(tok: Any, text: str) -> tuple[list[int], list[int]]:
 @torch.no_grad()
 def _hidden(lm, ids: list[int], layers: list[int]) -> dict[int, torch.Tensor]:
     """resid_post of ``layers`` for one window (BOS + ids), all hooked in one forward."""
-    from saelab.data.windows import bos_id
-    from saelab.models.hooks import find_blocks
-
     blocks = find_blocks(lm.model)
     out: dict[int, torch.Tensor] = {}
     handles = [blocks[L].register_forward_hook(
@@ -133,12 +138,6 @@ def _hidden(lm, ids: list[int], layers: list[int]) -> dict[int, torch.Tensor]:
 
 
 def run(cfg: SimilarityConfig, _runs: list[Path], out: Path, progress: bool) -> SimilarityOutput:
-    from tqdm.auto import tqdm
-
-    from saelab.config import DataConfig, ModelConfig
-    from saelab.data.corpus import iter_documents
-    from saelab.models.loading import canonical_model_name, load_model
-
     cfg.validate()
     t0 = time.perf_counter()
     names = list(cfg.models) if len(cfg.models) == 2 else [cfg.models[0]] * 2
@@ -222,8 +221,6 @@ def run(cfg: SimilarityConfig, _runs: list[Path], out: Path, progress: bool) -> 
 
 
 def _layer_state(cfg, X_m: dict[int, torch.Tensor], progress: bool) -> dict[int, dict]:
-    from tqdm.auto import tqdm
-
     return {L: {"gram": centred_gram(x), "basis": svcca_basis(x, cfg.svcca_components),
                 "rel": relative_vectors(x, cfg.anchors, cfg.seed).float()}
             for L, x in tqdm(X_m.items(), desc="layer state", disable=not progress)}
@@ -233,11 +230,6 @@ def _build_itdas(cfg, X, keys, same: bool, progress: bool):
     """One ITDA per layer, all over the same aligned inputs in the same order (each layer's
     build reads only its own rows, so building them one after another gives the dictionaries
     of a lockstep build); a model compared with itself builds its ITDAs once."""
-    from tqdm.auto import tqdm
-
-    from saelab.config import SAEConfig
-    from saelab.runtime import resolve_device
-    from saelab.saes.itda import ITDA, ITDAOptions, LabelledRows
     dev = resolve_device(cfg.device)
     atom_keys: list[dict[int, set]] = [{}, {}]
     atoms: list[list[int]] = [[], []]
@@ -248,7 +240,7 @@ def _build_itdas(cfg, X, keys, same: bool, progress: bool):
             break
         for L, x in tqdm(X[m].items(), desc=f"itda model {m + 1}", disable=not progress):
             sae = ITDA(SAEConfig(architecture="itda", d_in=x.shape[1], d_sae=1), device=dev,
-                       options=ITDAOptions(k=cfg.k, delta=cfg.delta,
+                       options=ITDAOptions(itda_k=cfg.k, delta=cfg.delta,
                                            batch_rows=cfg.itda_batch_rows))
             sae.fit_from_batches([LabelledRows(x, window=row_ids)], len(x))
             atom_keys[m][L] = {keys[int(r)] for r in sae.atom_window.tolist()}
@@ -257,11 +249,7 @@ def _build_itdas(cfg, X, keys, same: bool, progress: bool):
 
 
 def _heatmaps(res: SimilarityOutput, out: Path) -> dict[str, str]:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     paths = {}
     for m, mat in res.matrices.items():
         fig, ax = plt.subplots(figsize=(6, 5))

@@ -1,4 +1,4 @@
-"""`ce` eval: the SAE spliced into the LM (METHODS §13.2).
+"""`ce` eval: the SAE spliced into the LM (docs/methods.md §13.2).
 
 On ``ce_windows`` held-out windows the hook's output is replaced by the SAE reconstruction, by
 zeros and by the held-out mean activation; next-token CE and KL(P_clean || P_spliced) are

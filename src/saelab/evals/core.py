@@ -1,4 +1,4 @@
-"""`core` eval: reconstruction quality and L0 on the held-out activations (METHODS §13.2, §2.7).
+"""`core` eval: reconstruction quality and L0 on the held-out activations (docs/methods.md §13.2, §2.7).
 
 Every metric is pooled over all evaluation tokens (sums first, ratio last), see
 :class:`saelab.evals.metrics.ReconstructionMetrics`.

@@ -1,4 +1,4 @@
-"""`density` eval: how often each latent fires on held-out tokens (METHODS §13.2)."""
+"""`density` eval: how often each latent fires on held-out tokens (docs/methods.md §13.2)."""
 
 from __future__ import annotations
 

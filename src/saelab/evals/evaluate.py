@@ -1,4 +1,4 @@
-"""Held-out evaluation of an SAE at its hook point (METHODS.md §13.2).
+"""Held-out evaluation of an SAE at its hook point (docs/methods.md §13.2).
 
 Two parts, both on documents the training split never sees:
 
@@ -99,7 +99,7 @@ def reconstruction_eval(sae: SAE, acts_batches: Iterator[Tensor]) -> Reconstruct
 
 def _grad_splice_fn(sae: SAE, model, hook, ids_BT: Tensor,
                     keep_BT: Tensor) -> Callable[[Tensor], Tensor]:
-    """The splice of an SAE trained on LM-loss gradients (g-SAE, METHODS §7.5): its
+    """The splice of an SAE trained on LM-loss gradients (g-SAE, docs/methods.md §7.5): its
     reconstruction ``sae(x, grad=g)`` with ``g`` from a clean forward + backward of the summed
     next-token CE over the scored positions with the true labels (the harvest's definition,
     :func:`saelab.harvest.lm_loss_grads`). The kept rows of ``g`` line up with the rows the

@@ -1,4 +1,4 @@
-"""Reconstruction and sparsity metrics from running sums (METHODS.md §13.2, §2.7).
+"""Reconstruction and sparsity metrics from running sums (docs/methods.md §13.2, §2.7).
 
 Every metric is pooled over all evaluation tokens (sums first, ratio last), never a mean of
 per-batch ratios. Sums are float64 so millions of tokens do not lose precision.

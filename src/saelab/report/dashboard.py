@@ -35,9 +35,17 @@ from typing import Any
 
 import torch
 from torch import Tensor
+from tqdm.auto import tqdm
 
-from saelab.config import opt
-from saelab.errors import ConfigError
+from saelab.config import DataConfig, HarvestConfig, ModelConfig, from_dict, opt
+from saelab.data.store import ActivationStore
+from saelab.errors import ConfigError, RunFolderError
+from saelab.fsutil import atomic_write_bytes, json_safe
+from saelab.harvest import harvest
+from saelab.io import load_sae, read_metadata
+from saelab.models.loading import load_model
+from saelab.report.html import dashboard_html
+from saelab.runtime import cache_root, resolve_device
 
 #: name of the data file embedded in (and written beside) the dashboard
 DASHBOARD_HTML = "dashboard.html"
@@ -353,8 +361,6 @@ def collect(encode: Callable[[Tensor], Tensor], d_sae: int, source: RowSource,
             cfg: DashboardConfig, device: torch.device | str = "cpu",
             dtype: torch.dtype = torch.float32, progress: bool = False) -> DashboardData:
     """Run the three passes (module docstring) of ``encode`` over ``source``."""
-    from tqdm.auto import tqdm
-
     cfg.validate()
     dev = torch.device(device)
     seconds: dict[str, float] = {}
@@ -686,8 +692,6 @@ class DashboardResult:
 
 def heldout_store_path(model_cfg, data_cfg, tokens: int) -> Path:
     """Cache folder of the held-out store a dashboard scans (keyed like training stores)."""
-    from saelab.runtime import cache_root
-
     fields = {"model": model_cfg.model, "hook": model_cfg.hook, "dtype": model_cfg.model_dtype,
               "data": asdict(data_cfg), "tokens": tokens, "split": "eval"}
     digest = hashlib.sha1(json.dumps(fields, sort_keys=True).encode()).hexdigest()[:12]
@@ -697,10 +701,6 @@ def heldout_store_path(model_cfg, data_cfg, tokens: int) -> Path:
 
 def run_configs(run: Path):
     """(ModelConfig, DataConfig, store, SAE folder) of a run folder or a bare SAE folder."""
-    from saelab.config import DataConfig, ModelConfig, from_dict
-    from saelab.errors import RunFolderError
-    from saelab.io import read_metadata
-
     run = Path(run)
     if (run / "run_config.json").exists():
         raw = json.loads((run / "run_config.json").read_text())
@@ -736,8 +736,6 @@ def _atom_contexts(sae, latents: Tensor, train_store: str, text: TokenText,
     out = {int(i): {"window": int(aw[i]), "pos": int(ap[i])} for i in latents.tolist()}
     if not train_store or not (Path(train_store) / "manifest.json").exists():
         return out
-    from saelab.data.store import ActivationStore
-
     store = ActivationStore.open(train_store)
     for i, info in enumerate(store.shards):
         here = [lat for lat, a in out.items() if info.window_start <= a["window"] < info.window_end]
@@ -757,14 +755,6 @@ def build_dashboard(run: str | Path, out: str | Path, cfg: DashboardConfig,
                     progress: bool = True, lm=None, log=print) -> DashboardResult:
     """`saelab dashboard RUN --out DIR`: scan held-out rows, write ``DIR/dashboard.html`` (one
     self-contained file) and, with ``cfg.write_json``, ``DIR/features/<i>.json``."""
-    from saelab.config import HarvestConfig
-    from saelab.data.store import ActivationStore
-    from saelab.fsutil import atomic_write_bytes, json_safe
-    from saelab.io import load_sae
-    from saelab.models.loading import load_model
-    from saelab.report.html import dashboard_html
-    from saelab.runtime import resolve_device
-
     cfg.validate()
     t_all = time.perf_counter()
     model_cfg, data_cfg, train_store, sae_dir = run_configs(Path(run))
@@ -776,8 +766,6 @@ def build_dashboard(run: str | Path, out: str | Path, cfg: DashboardConfig,
     if cfg.store:
         store = ActivationStore.open(cfg.store)
     else:
-        from saelab.harvest import harvest
-
         path = heldout_store_path(model_cfg, data_cfg, cfg.tokens)
         store = harvest(HarvestConfig(model=model_cfg, data=data_cfg, store=str(path),
                                       tokens=cfg.tokens, split="eval"), progress=progress, lm=lm)

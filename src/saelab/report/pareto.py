@@ -16,7 +16,7 @@ from typing import Any
 
 from saelab.evals.registry import pareto_axes
 from saelab.fsutil import atomic_write_bytes
-from saelab.report.plots import _pyplot
+from saelab.plotting import pyplot
 
 
 def pareto_plots() -> dict[str, tuple[str, str, bool]]:
@@ -48,7 +48,7 @@ def family_series(rows: Sequence[Mapping[str, Any]], y: str
 def plot_pareto(rows: Sequence[Mapping[str, Any]], y: str, path: Path, ylabel: str,
                 title: str = "", higher_is_better: bool = False) -> Path:
     """L0 (log axis) against ``y``, one marked line per family, written to ``path``."""
-    plt = _pyplot()
+    plt = pyplot()
     series = family_series(rows, y)
     # fixed margins, not tight_layout: these plots are redrawn after every run and text
     # layout dominates their cost

@@ -7,19 +7,12 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-
-def _pyplot():
-    import matplotlib  # deferred: heavy, and only needed when a plot is drawn
-
-    matplotlib.use("Agg")  # headless: never needs a display
-    import matplotlib.pyplot as plt  # deferred: as above, and only after the Agg backend
-
-    return plt
+from saelab.plotting import pyplot
 
 
 def plot_density(density_F: Tensor, path: Path, title: str = "") -> Path:
-    """Histogram of log10 feature density (METHODS §13.2); dead latents collect at −10."""
-    plt = _pyplot()
+    """Histogram of log10 feature density (docs/methods.md §13.2); dead latents collect at −10."""
+    plt = pyplot()
     logd = torch.log10(density_F.double() + 1e-10).numpy()
     fig, ax = plt.subplots(figsize=(6, 3.5), dpi=120)
     ax.hist(logd, bins=60, range=(-10.5, 0.5), color="#3b6ea8")

@@ -18,7 +18,9 @@ from pathlib import Path
 from typing import Any
 
 from saelab.errors import RunFolderError
+from saelab.evals.registry import FILTERED_SUFFIX, metric_fields
 from saelab.fsutil import atomic_write_bytes
+from saelab.plotting import pyplot
 from saelab.report.html import page
 
 REPORT_HTML = "report.html"
@@ -59,13 +61,12 @@ def metric_meanings() -> dict[str, tuple[str, str]]:
     """key -> (label, meaning): from the eval plug-ins' metric metadata where they carry it,
     else (or for keys they do not declare) from a small built-in table."""
     out = dict(_FALLBACK_MEANINGS)
-    try:
-        from saelab.evals.registry import metric_fields
-
-        for mf in metric_fields():
-            out[mf.key] = (mf.info.label, mf.info.meaning)
-    except Exception:  # noqa: BLE001 - metadata are optional; the fallback table covers it
-        pass
+    for mf in metric_fields():
+        out[mf.key] = (mf.info.label, mf.info.meaning)
+        out[mf.key + FILTERED_SUFFIX] = (
+            f"{mf.info.label}, norm-filtered",
+            f"{mf.info.meaning} Filtered variant: the training-time exclusions (leading "
+            "positions, norm outliers) are left clean and unscored.")
     return out
 
 
@@ -81,12 +82,10 @@ def _file_uri(path: Path) -> str:
 
 def training_curves(records: list[dict]) -> str | None:
     """A 2x2 PNG (data URI): loss, L0, FVU and dead fraction against training tokens."""
-    from saelab.report.plots import _pyplot
-
     recs = [r for r in records if "tokens" in r]
     if not recs:
         return None
-    plt = _pyplot()
+    plt = pyplot()
     fig, axes = plt.subplots(2, 2, figsize=(9, 5.6), dpi=100)
     for ax, (key, label, log) in zip(axes.flat, (
             ("loss", "training loss", True), ("l0", "L0 (active latents / token)", True),
@@ -98,6 +97,7 @@ def training_curves(records: list[dict]) -> str | None:
             xs, ys = zip(*pts, strict=True)
             ax.plot(xs, ys, lw=1.3, color="#2f5fa7")
             if log and min(ys) > 0:
+                # deferred: matplotlib is heavy (the CLI imports this module at start-up)
                 from matplotlib.ticker import LogLocator, NullFormatter, ScalarFormatter
 
                 ax.set_yscale("log")

@@ -1,4 +1,4 @@
-"""Shared base of the Feature Choice and Mutual Choice SAEs (Ayonrinde 2024; METHODS.md §6;
+"""Shared base of the Feature Choice and Mutual Choice SAEs (Ayonrinde 2024; docs/methods.md §6;
 ``feature_choice.py``, ``mutual_choice.py``): their options and the experimental
 ``aux_zipf_loss`` (§6.4).
 
@@ -60,7 +60,7 @@ from saelab.saes.sparse import SparseCode, auxk_loss
 
 @dataclass
 class ChoiceOptions(TopKOptions):
-    """Feature Choice / Mutual Choice (METHODS §6)."""
+    """Feature Choice / Mutual Choice (docs/methods.md §6)."""
 
     capacity: str = opt(
         "uniform", "feature_choice capacity per latent: uniform (m = k*B/M, rounded so every "

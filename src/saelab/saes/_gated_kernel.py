@@ -1,4 +1,4 @@
-"""Fused forward/backward of the Gated SAE encoder (METHODS.md §2.2).
+"""Fused forward/backward of the Gated SAE encoder (docs/methods.md §2.2).
 
 Autograd through ``h → π_gate, π_mag → where/relu`` keeps a dozen ``[B, F]`` temporaries per
 step; at d_sae 4096 and batch 4096 those elementwise passes cost as much as the matmuls on a

@@ -1,4 +1,4 @@
-"""Gradient pursuit (GP) as an inference-time encoder for any SAE's decoder (METHODS §12.5a).
+"""Gradient pursuit (GP) as an inference-time encoder for any SAE's decoder (docs/methods.md §12.5a).
 
 Non-negative GP with an exact line search, batched over tokens, one step per selected atom:
 
@@ -21,6 +21,8 @@ from __future__ import annotations
 
 import torch
 from torch import Tensor, nn
+
+from saelab.saes.base import SAEOutput
 
 
 @torch.no_grad()
@@ -125,7 +127,5 @@ class GPEncodedSAE(nn.Module):
         return self.sae.decode(f_BF)
 
     def forward(self, x_BD: Tensor):
-        from saelab.saes.base import SAEOutput
-
         f_BF = self.encode(x_BD)
         return SAEOutput(self.decode(f_BF), f_BF)

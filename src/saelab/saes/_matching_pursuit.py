@@ -1,4 +1,4 @@
-"""Batched matching pursuit (METHODS §9.2), signed and non-negative, on any device and dtype.
+"""Batched matching pursuit (docs/methods.md §9.2), signed and non-negative, on any device and dtype.
 
 ``MP(x, D, k)``: ``k`` times, pick the atom with the largest (absolute, or for the non-negative
 version the largest positive) correlation with the residual, add that correlation to its

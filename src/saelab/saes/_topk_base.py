@@ -1,4 +1,4 @@
-"""Shared base of TopK (Gao et al. 2024; METHODS.md §4), BatchTopK (§4.8), AbsTopK (§5) and
+"""Shared base of TopK (Gao et al. 2024; docs/methods.md §4), BatchTopK (§4.8), AbsTopK (§5) and
 the families built on them (``options.py``, ``batchtopk.py``, ``abstopk.py``, choice, matryoshka,
 vsae, gsae): their options (``TopKOptions``, ``AuxKOptions``) and training.
 
@@ -50,7 +50,7 @@ from saelab.saes.sparse import (
 
 @dataclass
 class AuxKOptions:
-    """AuxK dead-latent loss (METHODS §0.6) of the TopK-style families and topafa."""
+    """AuxK dead-latent loss (docs/methods.md §0.6) of the TopK-style families and topafa."""
 
     aux_k: int = opt(0, "k_aux of the AuxK dead-latent loss (§0.6); 0 = d_in // 2 "
                      "(sparsify / dictionary_learning).")
@@ -73,7 +73,7 @@ class AuxKOptions:
 @dataclass
 class TopKOptions(AuxKOptions):
     """TopK-family settings shared by topk, batchtopk, abstopk, mutual/feature choice,
-    matryoshka, vsae and gsae (METHODS §4, §0.6)."""
+    matryoshka, vsae and gsae (docs/methods.md §4, §0.6)."""
 
     mse_normalization: str = opt(
         "batch", "Scale of the main reconstruction loss (§4.2): batch (each batch's FVU, "
@@ -145,7 +145,7 @@ class AuxKMixin:
 
 
 class TopKBaseSAE(AuxKMixin, SAE):
-    """TopK SAE with AuxK (METHODS §4.1-4.7, §0.6): the base of the TopK-style families
+    """TopK SAE with AuxK (docs/methods.md §4.1-4.7, §0.6): the base of the TopK-style families
     (registered as ``topk`` by ``saes/topk.py``)."""
 
     Options = TopKOptions
@@ -385,7 +385,7 @@ class ThresholdedBatchSAE(TopKBaseSAE):
 
 
 class BatchTopKBaseSAE(ThresholdedBatchSAE):
-    """BatchTopK training (METHODS §4.8): top k·B activations per batch, one global inference
+    """BatchTopK training (docs/methods.md §4.8): top k·B activations per batch, one global inference
     threshold; the base of batchtopk, mutual_choice and matryoshka."""
 
     def select_train(self, pre_BF: Tensor, step: int) -> SparseCode:

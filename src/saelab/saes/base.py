@@ -1,6 +1,6 @@
 """Parts every SAE family shares: parameters, decode, decoder-norm handling and folding.
 
-Conventions (METHODS.md §0.1): row-vector maths, ``W_enc`` is ``[d_in, d_sae]``, ``W_dec`` is
+Conventions (docs/methods.md §0.1): row-vector maths, ``W_enc`` is ``[d_in, d_sae]``, ``W_dec`` is
 ``[d_sae, d_in]`` (row ``i`` is latent ``i``'s decoder direction). Parameter names follow
 SAELens so a saved state dict opens there unchanged.
 """
@@ -22,7 +22,7 @@ from saelab.saes.registry import unknown_options_error
 
 
 def geometric_median(x_ND: Tensor, iters: int = 100, tol: float = 1e-5) -> Tensor:
-    """Weiszfeld iteration (METHODS §0.7)."""
+    """Weiszfeld iteration (docs/methods.md §0.7)."""
     y_D = x_ND.mean(0)
     for _ in range(iters):
         w_N = 1.0 / (x_ND - y_D).norm(dim=1).clamp_min(1e-8)
@@ -246,7 +246,7 @@ class SAE(nn.Module):
         """Restore what :meth:`training_state` returned."""
 
     def sparsity_scale(self, step: int) -> float:
-        """Multiplier on the sparsity coefficient: linear warm-up (METHODS §0.8)."""
+        """Multiplier on the sparsity coefficient: linear warm-up (docs/methods.md §0.8)."""
         if self.sparsity_warmup_steps <= 0:
             return 1.0
         return min(1.0, (step + 1) / self.sparsity_warmup_steps)
@@ -262,7 +262,7 @@ class SAE(nn.Module):
             h_BF = h_BF - self.b_dec @ W_DF
         return h_BF
 
-    # ---- decoder-norm handling (METHODS §0.4) ------------------------------------------------
+    # ---- decoder-norm handling (docs/methods.md §0.4) ------------------------------------------------
     def decoder_norms(self) -> Tensor:
         return self.W_dec.norm(dim=1)
 
@@ -302,7 +302,7 @@ class SAE(nn.Module):
         """Parameters/buffers measured in input units (divided by the input scale on folding)."""
         return ("b_dec",)
 
-    # ---- init helpers (METHODS §0.7) ----------------------------------------------------------
+    # ---- init helpers (docs/methods.md §0.7) ----------------------------------------------------------
     @torch.no_grad()
     def init_tied_(self, generator: torch.Generator | None, row_norm: float = 1.0) -> None:
         """Kaiming-uniform decoder, rows rescaled to ``row_norm``; ``W_enc = W_dec^T``."""

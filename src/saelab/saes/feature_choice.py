@@ -1,4 +1,4 @@
-"""Feature Choice SAE (Ayonrinde 2024; METHODS.md §6.2): latent ``j`` keeps the top ``m_j``
+"""Feature Choice SAE (Ayonrinde 2024; docs/methods.md §6.2): latent ``j`` keeps the top ``m_j``
 entries of its column of the batch affinities ``A = ReLU(π)``; capacities, their topk buckets
 and the per-latent inference thresholds are here, options and ``aux_zipf_loss`` in
 ``_choice_base.py`` (whose docstring describes the method)."""
@@ -74,7 +74,7 @@ def plan_buckets(cap_R: Tensor) -> list[Bucket]:
 
 @register
 class FeatureChoiceSAE(ZipfUsageMixin, ThresholdedBatchSAE):
-    """Feature Choice: each latent keeps its top-m_j tokens of the batch (METHODS §6.2)."""
+    """Feature Choice: each latent keeps its top-m_j tokens of the batch (docs/methods.md §6.2)."""
 
     architecture = "feature_choice"
     Options = ChoiceOptions

@@ -1,4 +1,4 @@
-"""Gated SAE (Rajamanoharan et al. 2024; METHODS.md §2) — saelab's flagship family.
+"""Gated SAE (Rajamanoharan et al. 2024; docs/methods.md §2) — saelab's flagship family.
 
 One shared encoder direction per latent (``W_enc`` = ``W_gate``); the magnitude path is
 ``W_mag = exp(r_mag) ⊙ W_gate`` (§2.2), so one encoder matmul feeds both paths::

@@ -1,4 +1,4 @@
-"""Group Bias Adaptation, GBA (Chen, Sheen, Xiong, Wang & Yang 2025; METHODS.md §8).
+"""Group Bias Adaptation, GBA (Chen, Sheen, Xiong, Wang & Yang 2025; docs/methods.md §8).
 
 No sparsity penalty and no gradient on the encoder biases: each latent's bias ``b_m`` is moved
 every ``buffer_tokens`` training tokens so that its firing frequency meets its group's Target
@@ -77,7 +77,7 @@ from saelab.saes.sparse import normalized_mse
 
 @dataclass
 class GBAOptions:
-    """Group Bias Adaptation (METHODS §8; defaults [U] from a third-party reimplementation)."""
+    """Group Bias Adaptation (docs/methods.md §8; defaults [U] from a third-party reimplementation)."""
 
     groups: int = opt(10, "K groups with geometrically spaced target activation frequencies.")
     htf: float = opt(0.1, "Highest target activation frequency.")
@@ -116,7 +116,7 @@ def target_frequencies(groups: int, htf: float, ltf: float) -> Tensor:
 
 @register
 class GBASAE(SAE):
-    """SAE whose encoder biases are adapted to group target frequencies (METHODS §8)."""
+    """SAE whose encoder biases are adapted to group target frequencies (docs/methods.md §8)."""
 
     architecture = "gba"
     Options = GBAOptions

@@ -1,4 +1,4 @@
-"""Gradient TopK SAE, g-SAE (Olmo et al. 2024/2025; METHODS.md §7).
+"""Gradient TopK SAE, g-SAE (Olmo et al. 2024/2025; docs/methods.md §7).
 
 TopK picks the k largest activations; a g-SAE picks the k latents whose ablation would change
 the LM loss most, to first order, weighted against their size (§7.2)::
@@ -57,7 +57,7 @@ GRAD_NORMS = ("none", "per_token_l2", "batch_mean_l2")
 
 @dataclass
 class GSAEOptions(TopKOptions):
-    """Gradient TopK SAE (METHODS §7): selection by z + beta z |g W_dec^T|."""
+    """Gradient TopK SAE (docs/methods.md §7): selection by z + beta z |g W_dec^T|."""
 
     beta: float = opt(1.0, "beta of the selection score; 0 = plain TopK ([U] default).",
                       flag="gsae_beta")

@@ -1,13 +1,13 @@
-"""ITDA: Inference-Time Decomposition of Activations (METHODS §9; Leask, Nanda & Al Moubayed,
+"""ITDA: Inference-Time Decomposition of Activations (docs/methods.md §9; Leask, Nanda & Al Moubayed,
 ICML 2025). No encoder is learned: the dictionary is a set of real, unit-normalised
 activations, each labelled with where it came from, and every input is decomposed by matching
-pursuit (MP) with target L0 ``k``.
+pursuit (MP) with target L0 ``itda_k``.
 
 Construction follows the reference code (pleask/itda ``train.py``), batch by batch:
 
 1. *bootstrap*: while the dictionary holds fewer than ``d_in`` atoms, take the batch's most
    frequent unique activations (ties: first occurrence), up to the number missing;
-2. encode the batch with MP at L0 ``k`` and measure, per token, the reference's error
+2. encode the batch with MP at L0 ``itda_k`` and measure, per token, the reference's error
    ``mean_d (x/‖x‖ - x̂/‖x̂‖)²`` (note: a *mean* over dimensions, so δ is ``‖·‖² / d_in``);
 3. append every token whose error exceeds ``delta`` at once, after dropping duplicates within
    the batch; stop at ``max_atoms`` (0: no limit).
@@ -34,9 +34,13 @@ from typing import Any, ClassVar, NamedTuple
 
 import torch
 from torch import Tensor, nn
+from tqdm.auto import tqdm
 
-from saelab.config import opt
+from saelab.config import DataConfig, ModelConfig, opt
+from saelab.data.corpus import iter_documents
+from saelab.data.windows import iter_window_char_spans
 from saelab.errors import ConfigError
+from saelab.models.loading import load_tokenizer
 from saelab.saes._matching_pursuit import (
     dense_code,
     matching_pursuit,
@@ -52,10 +56,11 @@ LABELS = ("atom_window", "atom_pos", "atom_token", "atom_doc", "atom_char_start"
 
 @dataclass
 class ITDAOptions:
-    """ITDA (METHODS §9): matching-pursuit L0 and the greedy dictionary rule."""
+    """ITDA (docs/methods.md §9): matching-pursuit L0 and the greedy dictionary rule."""
 
-    k: int = opt(40, "Target L0 of matching pursuit, in construction and inference (the "
-                 "reference's default 40).", flag="itda_k")
+    # not `k`: a name means one option across families, and TopK's k is another knob
+    itda_k: int = opt(40, "Target L0 of matching pursuit, in construction and inference (the "
+                      "reference's default 40).")
     delta: float = opt(
         0.0004, "Error threshold: a token joins the dictionary when mean_d (x/|x| - "
         "xhat/|xhat|)^2 exceeds it (the reference's loss_threshold, a mean over dimensions; "
@@ -73,8 +78,8 @@ class ITDAOptions:
         flag="itda_gram_max_atoms")
 
     def validate(self) -> None:
-        if self.k < 1:
-            raise ConfigError(f"--itda-k must be at least 1, got {self.k}")
+        if self.itda_k < 1:
+            raise ConfigError(f"--itda-k must be at least 1, got {self.itda_k}")
         if not self.delta >= 0:
             raise ConfigError(f"--itda-delta must be >= 0, got {self.delta}")
         if self.max_atoms < 0 or self.batch_rows < 1 or self.gram_max_atoms < 0:
@@ -180,7 +185,7 @@ class ITDA(SAE):
             self.register_buffer(name, torch.full((self.d_sae,), -1, dtype=torch.long,
                                                   device=device))
         # the MP settings travel with the weights, so a loaded SAE encodes as it was built
-        self.register_buffer("itda_k", torch.tensor([self.options.k], device=device))
+        self.register_buffer("itda_k", torch.tensor([self.options.itda_k], device=device))
         self.register_buffer("itda_nonneg", torch.tensor([int(self.options.nonneg)],
                                                          device=device))
         self._gram: Tensor | None = None
@@ -204,12 +209,12 @@ class ITDA(SAE):
                 state[name] = state[name].round().long()
         out = super().load_state_dict(state, strict=strict, assign=assign)
         if "itda_k" in state and not state["itda_k"].is_meta:
-            self.options.k = int(state["itda_k"][0])
+            self.options.itda_k = int(state["itda_k"][0])
             self.options.nonneg = bool(state["itda_nonneg"][0])
         return out
 
     def saelens_extra_cfg(self) -> dict[str, Any]:
-        return {**super().saelens_extra_cfg(), "k": self.options.k}
+        return {**super().saelens_extra_cfg(), "k": self.options.itda_k}
 
     @torch.no_grad()
     def fold_decoder_norms(self) -> None:
@@ -232,7 +237,8 @@ class ITDA(SAE):
 
     @torch.no_grad()
     def mp(self, x_BD: Tensor):
-        return matching_pursuit(x_BD.to(self.W_dec.dtype), self.W_dec.detach(), self.options.k,
+        return matching_pursuit(x_BD.to(self.W_dec.dtype), self.W_dec.detach(),
+                                self.options.itda_k,
                                 nonneg=self.options.nonneg, gram_NN=self.gram())
 
     def encode(self, x_BD: Tensor) -> Tensor:
@@ -253,8 +259,6 @@ class ITDA(SAE):
                          progress: bool = False) -> None:
         """Build the dictionary from up to ``total_rows`` activation rows (tensors, or
         :class:`LabelledRows` to keep labels) and install it as ``W_dec``."""
-        from tqdm.auto import tqdm
-
         opts = self.options
         dev, dt, d = self.W_dec.device, self.W_dec.dtype, self.d_in
         atoms = _Growing((d,), dt, dev)
@@ -274,7 +278,7 @@ class ITDA(SAE):
             if atoms.n < d:
                 take = _most_frequent_unique(x, d - atoms.n)
                 gram = self._add(atoms, labels, gram, x[take], lab[take])
-            res = matching_pursuit(x, atoms.data, opts.k, nonneg=opts.nonneg,
+            res = matching_pursuit(x, atoms.data, opts.itda_k, nonneg=opts.nonneg,
                                    gram_NN=None if gram is None else gram.data)
             bad = (normalised_error(x, res.recon_BD) > opts.delta).nonzero().squeeze(1)
             if len(bad):
@@ -305,9 +309,6 @@ class ITDA(SAE):
         self.fit_from_batches(scaled, min(total_rows, store.num_rows), progress)
         try:
             if tokenizer is None:
-                from saelab.config import ModelConfig
-                from saelab.models.loading import load_tokenizer
-
                 tokenizer = load_tokenizer(ModelConfig(model=store.spec.model_spec))
             self.attach_char_spans(store_char_spans(store, tokenizer, self.atom_window.tolist()),
                                    check_tokens=True)
@@ -384,10 +385,6 @@ def store_char_spans(store, tokenizer: Any, windows: Iterable[int]
                      ) -> dict[int, tuple[Tensor, Tensor, Tensor, Tensor]]:
     """``{window id: (tokens_T, doc_T, char_start_T, char_end_T)}`` for the given global window
     ids of ``store``: its corpus windows re-cut, in order, with the tokenizer's offsets."""
-    from saelab.config import DataConfig
-    from saelab.data.corpus import iter_documents
-    from saelab.data.windows import iter_window_char_spans
-
     want = {int(w) for w in windows if int(w) >= 0}
     if not want:
         return {}

@@ -1,4 +1,4 @@
-"""JumpReLU SAE (Rajamanoharan et al. 2024; METHODS.md §3): training, inference, conversion.
+"""JumpReLU SAE (Rajamanoharan et al. 2024; docs/methods.md §3): training, inference, conversion.
 
 ::
 
@@ -89,7 +89,7 @@ def _in_window(pi_BF: Tensor, theta_F: Tensor, bandwidth: float) -> Tensor:
 
 @dataclass
 class JumpReLUOptions:
-    """JumpReLU training (METHODS §3): straight-through estimators and the sparsity loss."""
+    """JumpReLU training (docs/methods.md §3): straight-through estimators and the sparsity loss."""
 
     bandwidth: float = opt(
         0.001, "Kernel bandwidth epsilon of the threshold pseudo-derivatives (§3.3; [R]).",

@@ -1,4 +1,4 @@
-"""Matryoshka SAE over BatchTopK (Bussmann, Nabeshima, Karvonen & Nanda 2025; METHODS.md §13.1).
+"""Matryoshka SAE over BatchTopK (Bussmann, Nabeshima, Karvonen & Nanda 2025; docs/methods.md §13.1).
 
 The ``d_sae`` latents are split into ordered groups with prefix ends ``m_1 < … < m_G = d_sae``
 (``options.group_fractions``, normalised; integer sizes are accepted too, e.g. ``"1,1,2,4"``).
@@ -46,7 +46,7 @@ from saelab.saes.sparse import SparseCode, SparsePreActs, attach_grad
 
 @dataclass
 class MatryoshkaOptions(TopKOptions):
-    """Matryoshka SAE over BatchTopK (METHODS §13.1)."""
+    """Matryoshka SAE over BatchTopK (docs/methods.md §13.1)."""
 
     group_fractions: str = opt(
         "0.0625,0.0625,0.125,0.25,0.5",
@@ -103,7 +103,7 @@ def group_ends(fractions: str, d_sae: int) -> list[int]:
 
 @register
 class MatryoshkaSAE(BatchTopKBaseSAE):
-    """BatchTopK SAE trained so that every prefix of the dictionary reconstructs (METHODS §13.1)."""
+    """BatchTopK SAE trained so that every prefix of the dictionary reconstructs (docs/methods.md §13.1)."""
 
     architecture = "matryoshka"
     Options = MatryoshkaOptions

@@ -1,4 +1,4 @@
-"""Mutual Choice SAE (Ayonrinde 2024; METHODS.md §6.3): the global top ``k·B`` entries of the
+"""Mutual Choice SAE (Ayonrinde 2024; docs/methods.md §6.3): the global top ``k·B`` entries of the
 batch's token-latent affinities, i.e. BatchTopK under its own name, with BatchTopK's scalar
 inference threshold (§4.8); saves as SAELens ``jumprelu``. Options and ``aux_zipf_loss`` are in
 ``_choice_base.py``."""
@@ -15,7 +15,7 @@ from saelab.saes.sparse import SparseCode
 
 @register
 class MutualChoiceSAE(ZipfUsageMixin, BatchTopKBaseSAE):
-    """Mutual Choice: BatchTopK's global top-k·B under its own name (METHODS §6.3)."""
+    """Mutual Choice: BatchTopK's global top-k·B under its own name (docs/methods.md §6.3)."""
 
     architecture = "mutual_choice"
     Options = ChoiceOptions

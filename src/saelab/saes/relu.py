@@ -1,4 +1,4 @@
-"""ReLU SAE with an L1 penalty (METHODS.md §1), in two variants.
+"""ReLU SAE with an L1 penalty (docs/methods.md §1), in two variants.
 
 - ``april`` (default; Anthropic April-2024 update, [R]): no pre-encoder bias, sparsity penalty
   ``λ Σ_i f_i ‖d_i‖`` with no decoder-norm constraint (N2), decoder rows initialised at norm

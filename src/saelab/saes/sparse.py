@@ -1,5 +1,5 @@
 """Sparse building blocks shared by the TopK family: sparse encoding and decoding, batch-level
-selection, the normalised reconstruction loss and AuxK (METHODS.md §0.6, §4).
+selection, the normalised reconstruction loss and AuxK (docs/methods.md §0.6, §4).
 
 Codes are kept sparse as ``(idx, vals)`` pairs so no dense ``[B, F]`` code is built in the hot
 loop. Both directions of the SAE cost B·k·D per step instead of B·F·D, except the one dense

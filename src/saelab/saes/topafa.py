@@ -1,4 +1,4 @@
-"""top-AFA SAE (Lee, Davies, Canby & Hockenmaier 2025; METHODS.md §10) and the AFA analysis tools.
+"""top-AFA SAE (Lee, Davies, Canby & Hockenmaier 2025; docs/methods.md §10) and the AFA analysis tools.
 
 Approximate Feature Activation (§10.1): if ``z = Σ_i f_i d_i`` with unit-norm, ε-quasi-orthogonal
 directions (``|d_i·d_j| ≤ ε``), then ``|‖z‖² − ‖f‖²| ≤ ε(h − 1)‖f‖²`` with ``h`` the number of
@@ -102,7 +102,7 @@ from saelab.saes.sparse import (
 
 @dataclass
 class AFAOptions(AuxKOptions):
-    """top-AFA (METHODS §10); AuxK as the TopK families (§0.6)."""
+    """top-AFA (docs/methods.md §10); AuxK as the TopK families (§0.6)."""
 
     afa_coefficient: float = opt(
         1 / 32, "lambda_AFA of the norm-alignment loss (§10.3; the code sweeps 1/128..1/16). "
@@ -163,7 +163,7 @@ def ragged_top(acts_BF: Tensor, k_B: Tensor, order_BF: Tensor) -> tuple[SparseCo
 
 @register
 class TopAFASAE(AuxKMixin, SAE):
-    """top-AFA SAE: per-token k* from the AFA norm match, no k (METHODS §10)."""
+    """top-AFA SAE: per-token k* from the AFA norm match, no k (docs/methods.md §10)."""
 
     architecture = "topafa"
     Options = AFAOptions

@@ -1,4 +1,4 @@
-"""TopK SAE (Gao et al. 2024; METHODS.md §4): ``ReLU(TopK_k(π))`` per token with AuxK, optional
+"""TopK SAE (Gao et al. 2024; docs/methods.md §4): ``ReLU(TopK_k(π))`` per token with AuxK, optional
 Multi-TopK. Saves as (and loads) SAELens ``topk``. The recipe is in ``_topk_base.py``."""
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ __all__ = ["TopKOptions", "TopKSAE"]
 
 @register
 class TopKSAE(TopKBaseSAE):
-    """TopK SAE with AuxK (METHODS §4.1-4.7, §0.6)."""
+    """TopK SAE with AuxK (docs/methods.md §4.1-4.7, §0.6)."""
 
     architecture = "topk"
     Options = TopKOptions

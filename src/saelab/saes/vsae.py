@@ -1,4 +1,4 @@
-"""Variational TopK SAE, vSAE (Baker, Li et al. 2025; METHODS.md §11). A research variant: the
+"""Variational TopK SAE, vSAE (Baker, Li et al. 2025; docs/methods.md §11). A research variant: the
 paper's result is negative (the KL term kills latents), so it is here to reproduce that.
 
 ::
@@ -69,7 +69,7 @@ _GOLDEN = 0x9E3779B97F4A7C15  # odd 64-bit constant: spreads consecutive steps o
 
 @dataclass
 class VSAEOptions(TopKOptions):
-    """Variational SAE (METHODS §11)."""
+    """Variational SAE (docs/methods.md §11)."""
 
     variance: str = opt("learned", "Posterior variance: learned (log sigma^2 head) or fixed.",
                         choices=("learned", "fixed"))
@@ -96,7 +96,7 @@ class VSAEOptions(TopKOptions):
 
 @register
 class VariationalSAE(TopKBaseSAE):
-    """TopK vSAE (METHODS §11): Gaussian posterior over latents, KL to N(0, I), TopK by |z|."""
+    """TopK vSAE (docs/methods.md §11): Gaussian posterior over latents, KL to N(0, I), TopK by |z|."""
 
     architecture = "vsae"
     Options = VSAEOptions

@@ -1,4 +1,4 @@
-"""Dead-latent tracking with the window measured in tokens (METHODS.md §0.5)."""
+"""Dead-latent tracking with the window measured in tokens (docs/methods.md §0.5)."""
 
 from __future__ import annotations
 

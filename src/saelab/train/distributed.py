@@ -28,7 +28,9 @@ from collections.abc import Callable, Sequence
 import torch
 
 from saelab import dist
+from saelab.config import from_dict
 from saelab.errors import ConfigError
+from saelab.runtime import resolve_device
 
 
 def launched_by_torchrun() -> bool:
@@ -46,8 +48,6 @@ def init_from_env(device: str | torch.device = "auto") -> bool:
         return False
     if torch.distributed.is_initialized():
         return True
-    from saelab.runtime import resolve_device
-
     dev = resolve_device(str(device))
     if dev.type == "cuda":
         local = int(os.environ["LOCAL_RANK"])
@@ -121,7 +121,5 @@ def prepare_ranks(cfg, prepare: Callable):
     # a rank-0 failure ends this process, and torchrun then stops the others
     torch.distributed.broadcast_object_list(payload, src=0)
     if not dist.is_main():
-        from saelab.config import from_dict
-
         cfg = from_dict(type(cfg), payload[0])
     return cfg

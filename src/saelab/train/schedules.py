@@ -1,4 +1,4 @@
-"""Learning-rate and sparsity schedules (METHODS.md §0.8), as pure functions of the step."""
+"""Learning-rate and sparsity schedules (docs/methods.md §0.8), as pure functions of the step."""
 
 from __future__ import annotations
 

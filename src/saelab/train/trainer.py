@@ -12,6 +12,7 @@ the exact code path they always did.
 
 from __future__ import annotations
 
+import copy
 import json
 import math
 import time
@@ -22,6 +23,7 @@ from typing import Any
 
 import torch
 from torch import Tensor
+from tqdm.auto import tqdm
 
 from saelab import dist
 from saelab.config import TrainConfig
@@ -53,7 +55,7 @@ class TrainResult:
 class Trainer:
     """Adam + schedules + clipping + dead-latent tracking + atomic checkpoints + JSONL log.
 
-    ``input_scale`` multiplies every batch (input normalisation, METHODS §0.3); the caller
+    ``input_scale`` multiplies every batch (input normalisation, docs/methods.md §0.3); the caller
     folds it into the weights after training.
     """
 
@@ -248,8 +250,6 @@ class Trainer:
         """``--autocast auto``: try one step's loss and backward under autocast on a copy of the
         SAE (the real one and its state are untouched); fall back to float32 if the family's
         kernels refuse mixed dtypes."""
-        import copy
-
         self._probe_pending = False
         probe = copy.deepcopy(self.sae)
         try:
@@ -402,14 +402,12 @@ def _adam_impl(device: torch.device) -> dict[str, bool]:
 def _progress(total: int, initial: int, enabled: bool):
     if not enabled:
         return None
-    from tqdm.auto import tqdm
-
     return tqdm(total=total, initial=initial, desc="train", unit="step", dynamic_ncols=True)
 
 
 def _init_wandb(cfg: TrainConfig, sae: SAE):
     try:
-        import wandb
+        import wandb  # deferred: optional (--wandb-project only), and heavy
     except ImportError:
         raise ConfigError(
             "--wandb-project was given but wandb is not installed: pip install wandb"
