@@ -175,6 +175,35 @@ def prepare_run(cfg: RunConfig) -> RunConfig:
     return cfg
 
 
+def begin_run(cfg: RunConfig, run: RunFolder, log, label: str = "") -> bool:
+    """Whether the run resumes from a checkpoint; a fresh start saves the config and drops the
+    log of an attempt that never reached a checkpoint."""
+    resume = cfg.resume
+    if resume and not run.has_checkpoint():
+        # stopped before its first checkpoint: nothing to restore, start again from step 0
+        log(f"{label}note: the run has no checkpoint yet; starting it again from step 0")
+        resume = False
+    if not resume and dist.is_main():
+        run.save_config(cfg)
+        if run.log_path.exists():
+            run.log_path.unlink()
+    return resume
+
+
+def resume_trainer(trainer: Trainer, run: RunFolder, resume: bool, log, label: str = "") -> int:
+    """The first step ``trainer`` takes: its checkpoint's when resuming, else 0."""
+    if resume and dist.is_main():
+        run.repair_log()  # a kill mid-write may have truncated the log's last line
+    start = trainer.resume() if resume else 0
+    if start > trainer.total_steps:
+        raise CheckpointError(f"the checkpoint in {run.path} is at step {start}, beyond the "
+                              f"run's {trainer.total_steps} steps: it belongs to another run; "
+                              "pass --overwrite to train this one again")
+    if resume:
+        log(f"{label}resuming at step {start}/{trainer.total_steps}")
+    return start
+
+
 def fit_sae(cfg: RunConfig, store, out: Path, progress: bool = True, log=print):
     """Build the SAE, train it on ``store`` (resuming from ``out``'s checkpoint when
     ``cfg.resume``) and return ``(exported SAE on raw activations, TrainResult)``. A family
@@ -193,28 +222,12 @@ def fit_sae(cfg: RunConfig, store, out: Path, progress: bool = True, log=print):
     scale = estimate_norm_scale(store, sae.cfg.normalize_activations, drop_positions_below=drop)
 
     run = RunFolder(out)
-    resume = cfg.resume
-    if resume and not run.has_checkpoint():
-        # stopped before its first checkpoint: nothing to restore, start again from step 0
-        log("note: the run has no checkpoint yet; starting it again from step 0")
-        resume = False
-    if not resume and dist.is_main():
-        run.save_config(cfg)
-        if run.log_path.exists():  # the log of an attempt that never got to a checkpoint
-            run.log_path.unlink()
+    resume = begin_run(cfg, run, log)
     if hasattr(sae, "fit_from_batches"):
         result = _fit_without_gradients(sae, cfg, store, scale, device, progress, log)
         return export_sae(sae, scale), result
     trainer = Trainer(sae, cfg.train, run_dir=out, input_scale=scale, progress=progress)
-    if resume and dist.is_main():
-        run.repair_log()  # a kill mid-write may have truncated the log's last line
-    start = trainer.resume() if resume else 0
-    if start > trainer.total_steps:
-        raise CheckpointError(f"the checkpoint in {out} is at step {start}, beyond the run's "
-                              f"{trainer.total_steps} steps: it belongs to another run; pass "
-                              "--overwrite to train this one again")
-    if resume:
-        log(f"resuming at step {start}/{trainer.total_steps}")
+    start = resume_trainer(trainer, run, resume, log)
     stream = ActivationStream(store, cfg.train.batch_size, cfg.train.shuffle_buffer_rows,
                               seed=cfg.train.seed, device=device, start_batch=start,
                               drop_positions_below=drop, with_grads=sae.uses_lm_grads,

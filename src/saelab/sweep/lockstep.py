@@ -28,15 +28,16 @@ import torch
 
 from saelab.config import RunConfig
 from saelab.data.stream import ActivationStream, estimate_norm_scale
-from saelab.errors import CheckpointError
 from saelab.evals.facts import RunFacts
 from saelab.evals.registry import metrics_of
 from saelab.pipeline import (
+    begin_run,
     check_memory,
     evaluate_and_save,
     export_sae,
     prepare_run,
     resolve_store,
+    resume_trainer,
 )
 from saelab.runfolder import RunFolder
 from saelab.runtime import parse_dtype, resolve_device
@@ -90,25 +91,10 @@ def setup_job(job: LockstepJob, lm, hook, progress: bool, log: Callable[[str], N
     scale = job.scale = estimate_norm_scale(store, sae.cfg.normalize_activations,
                                             drop_positions_below=drop)
     run = RunFolder(out)
-    resume = cfg.resume
-    if resume and not run.has_checkpoint():
-        log(f"{job.run.label}: no checkpoint yet; starting it again from step 0")
-        resume = False
-    if not resume:
-        run.save_config(cfg)
-        if run.log_path.exists():
-            run.log_path.unlink()
+    resume = begin_run(cfg, run, log, label=f"{job.run.label}: ")
     trainer = Trainer(sae, cfg.train, run_dir=out, input_scale=scale, progress=False)
-    if resume:
-        run.repair_log()
-    start = trainer.resume() if resume else 0
-    if start > trainer.total_steps:
-        raise CheckpointError(f"the checkpoint in {out} is at step {start}, beyond the run's "
-                              f"{trainer.total_steps} steps: it belongs to another run; pass "
-                              "--overwrite to train this one again")
-    if resume:
-        log(f"{job.run.label}: resuming at step {start}/{trainer.total_steps}")
-    else:
+    resume_trainer(trainer, run, resume, log, label=f"{job.run.label}: ")
+    if not resume:
         stream = ActivationStream(store, cfg.train.batch_size, cfg.train.shuffle_buffer_rows,
                                   seed=cfg.train.seed, device=device, drop_positions_below=drop,
                                   with_grads=sae.uses_lm_grads)
