@@ -23,6 +23,7 @@ from saelab.data.interop import export_saelens
 from saelab.errors import ConfigError, SaelabError
 from saelab.evals.registry import evals, parse_evals
 from saelab.harvest import harvest_hooks
+from saelab.io import read_metadata
 from saelab.pipeline import evaluate_run, train_run
 from saelab.report.dashboard import DashboardConfig, build_dashboard
 from saelab.report.run_report import write_report
@@ -270,8 +271,10 @@ def _dispatch(args: argparse.Namespace) -> int:
         if not main_rank:  # data-parallel rank > 0: rank 0 reports
             return 0
         used = summary.config or cfg  # a resumed run reports the config it was trained with
+        # the saved width: a greedy family (itda) sets its own d_sae
+        d_sae = read_metadata(summary.run_dir / "sae").get("d_sae", used.sae.d_sae)
         print(summary_table(summary.metrics,
-                            title=f"\n{used.sae.architecture} SAE, d_sae {used.sae.d_sae} — held-out eval"))
+                            title=f"\n{used.sae.architecture} SAE, d_sae {d_sae} — held-out eval"))
         print(f"\nrun folder: {summary.run_dir}  (SAE in {summary.run_dir / 'sae'}, "
               f"metrics.json, metrics.jsonl, feature_density.png)")
         return 0
