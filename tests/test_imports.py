@@ -37,6 +37,7 @@ LAYERS: dict[str, int] = {
     # plotting: headless matplotlib, loaded on use, for every layer that draws)
     "errors": 0, "fsutil": 0, "dtypes": 0, "config": 0, "runtime": 0, "dist": 0, "locks": 0,
     "plotting": 0,
+    "plugins": 0,
     # 1: the three kinds of things saelab handles: models, activations, SAEs (+ their file format)
     "models": 1, "data": 1, "saes": 1, "io": 1,
     # 2: the stages: harvest activations (LM -> store), train, evaluate, analyse. harvest needs

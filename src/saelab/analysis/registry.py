@@ -9,8 +9,6 @@ field help becomes the CLI help.
 from __future__ import annotations
 
 import dataclasses
-import importlib
-import pkgutil
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,6 +16,7 @@ from typing import Any
 
 import saelab.analysis as _pkg
 from saelab.errors import ConfigError
+from saelab.plugins import import_plugins
 
 
 @dataclass(frozen=True)
@@ -52,14 +51,8 @@ def register_analysis(analysis: Analysis) -> Analysis:
     return analysis
 
 
-def _load_all() -> None:
-    for mod in pkgutil.iter_modules(_pkg.__path__):
-        if not mod.name.startswith("_") and mod.name != "registry":
-            importlib.import_module(f"saelab.analysis.{mod.name}")
-
-
 def analyses() -> dict[str, Analysis]:
-    _load_all()
+    import_plugins(_pkg, skip={"registry"})
     return dict(sorted(_REGISTRY.items()))
 
 

@@ -16,14 +16,13 @@ and SAE-independent LM passes, shared by many SAEs) and returns an output instan
 from __future__ import annotations
 
 import dataclasses
-import importlib
-import pkgutil
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
 import saelab.evals as _pkg
 from saelab.errors import ConfigError
+from saelab.plugins import import_plugins
 
 #: metadata key of a metric field
 METRIC = "saelab_metric"
@@ -102,15 +101,9 @@ def register_facts(cls: type) -> type:
     return cls
 
 
-def _load_all() -> None:
-    for mod in pkgutil.iter_modules(_pkg.__path__):
-        if not mod.name.startswith("_") and mod.name != "registry":
-            importlib.import_module(f"saelab.evals.{mod.name}")
-
-
 def evals() -> dict[str, Eval]:
     """Every registered eval, in run order."""
-    _load_all()
+    import_plugins(_pkg, skip={"registry"})
     return dict(sorted(_REGISTRY.items(), key=lambda kv: (kv[1].order, kv[0])))
 
 

@@ -9,15 +9,14 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import importlib
 import math
-import pkgutil
 import typing
 from typing import TYPE_CHECKING, Any
 
 import saelab.saes as pkg
 from saelab.config import SAEConfig, from_dict
 from saelab.errors import ConfigError
+from saelab.plugins import import_plugins
 
 if TYPE_CHECKING:
     import torch
@@ -51,9 +50,7 @@ def _load_families() -> None:
     """Import every family module of ``saelab.saes`` (one file per family registers itself).
 
     Lazy, at first use: the family modules import this one (for ``register``)."""
-    for mod in pkgutil.iter_modules(pkg.__path__):
-        if not mod.name.startswith("_") and mod.name not in _NOT_FAMILIES:
-            importlib.import_module(f"saelab.saes.{mod.name}")
+    import_plugins(pkg, skip=_NOT_FAMILIES)
 
 
 def architectures(trainable_only: bool = False) -> dict[str, type[SAE]]:
