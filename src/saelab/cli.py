@@ -119,8 +119,7 @@ def _add_view_parsers(sub) -> None:
         description="Scan held-out activation rows and write DIR/dashboard.html (index of "
                     "latents, a card per latent: top examples with context, activation bins, "
                     "histogram, logit lens; works from file://) and DIR/features/<i>.json in "
-                    "SAEDashboard/Neuronpedia's feature schema.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                    "SAEDashboard/Neuronpedia's feature schema.")
     d.add_argument("run", help="run folder written by `saelab train` (or an SAE folder)")
     d.add_argument("--out", dest="view_out", default=None, metavar="DIR",
                    help="output folder (default: RUN/dashboard)")
@@ -138,8 +137,7 @@ def _add_view_parsers(sub) -> None:
                        description="Generate from --prompt without steering and with latent "
                                    "--latent added (S x max activation x W_dec[i]) or clamped "
                                    "(set to S x max activation, SAE error added back); greedy "
-                                   "and seeded by default.",
-                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                                   "and seeded by default.")
     s.add_argument("run", help="run folder written by `saelab train` (or an SAE folder)")
     add_dataclass_args(s, SteerConfig)
 

@@ -25,42 +25,11 @@ from saelab.report.html import page
 
 REPORT_HTML = "report.html"
 
-#: used when the eval plug-ins carry no metric metadata: key -> (label, one-line meaning)
-_FALLBACK_MEANINGS: dict[str, tuple[str, str]] = {
-    "l0": ("L0", "mean number of active latents per token (lower = sparser)"),
-    "fvu": ("FVU", "fraction of the activations' variance the reconstruction misses (0 is "
-                   "perfect)"),
-    "mse": ("MSE", "mean squared reconstruction error per element"),
-    "explained_variance": ("explained variance", "1 - FVU"),
-    "cosine_similarity": ("cosine(x, x_hat)", "mean cosine between an activation and its "
-                                              "reconstruction"),
-    "l2_ratio": ("L2 ratio", "|x_hat| / |x|: below 1 means the SAE shrinks its outputs"),
-    "relative_reconstruction_bias": ("shrinkage gamma", "the scale that best maps x_hat onto "
-                                                        "x; 1 = no shrinkage"),
-    "ce_loss_recovered": ("CE loss recovered", "share of the CE gap between zero-ablating the "
-                          "hook and the clean model that the SAE closes (1 = perfect)"),
-    "ce_loss_recovered_mean_ablation": ("CE loss recovered (mean abl.)", "as above, against "
-                                        "mean ablation"),
-    "delta_lm_loss": ("delta LM loss", "nats/token the LM loses with the SAE spliced in"),
-    "ce_loss_clean": ("CE clean", "next-token cross-entropy of the unmodified LM"),
-    "ce_loss_with_sae": ("CE with SAE", "next-token cross-entropy with the SAE spliced in"),
-    "kl_score": ("KL score", "1 - KL(clean || SAE) / KL(clean || zero ablation)"),
-    "kl_with_sae": ("KL with SAE", "KL divergence of the spliced LM's next-token distribution "
-                    "from the clean one"),
-    "dead_fraction": ("dead latents", "fraction of latents that never fired on the eval rows"),
-    "dense_fraction_1pct": ("dense latents (>1%)", "fraction of latents firing on more than 1% "
-                            "of tokens"),
-    "dense_fraction_10pct": ("dense latents (>10%)", "fraction of latents firing on more than "
-                             "10% of tokens"),
-    "train_tokens_per_second": ("training tokens/s", "training throughput"),
-    "train_seconds": ("training seconds", "wall time of training"),
-}
-
 
 def metric_meanings() -> dict[str, tuple[str, str]]:
-    """key -> (label, meaning): from the eval plug-ins' metric metadata where they carry it,
-    else (or for keys they do not declare) from a small built-in table."""
-    out = dict(_FALLBACK_MEANINGS)
+    """key -> (label, meaning), from the eval plug-ins' metric metadata (their ``_filtered``
+    variants included)."""
+    out: dict[str, tuple[str, str]] = {}
     for mf in metric_fields():
         out[mf.key] = (mf.info.label, mf.info.meaning)
         out[mf.key + FILTERED_SUFFIX] = (
