@@ -39,7 +39,8 @@ def _dead_idx(d_sae: int, fraction: float) -> torch.Tensor:
 
 
 # ---- saelab -----------------------------------------------------------------------------------
-def saelab_step(arch: str, rows: torch.Tensor, batch: int, dead_fraction: float):
+def saelab_step(arch: str, rows: torch.Tensor, batch: int, dead_fraction: float,
+                autocast: str = "auto"):
     from saelab.config import SAEConfig, TrainConfig
     from saelab.saes.registry import build_sae, with_family
     from saelab.train.trainer import Trainer
@@ -49,7 +50,7 @@ def saelab_step(arch: str, rows: torch.Tensor, batch: int, dead_fraction: float)
                                           options={"k": K}), strict=False))
     sae.init_from_data(rows[:batch])
     tr = Trainer(sae, TrainConfig(tokens=batch * 10**6, batch_size=batch, log_every=10**9,
-                                  checkpoint_every=0), progress=False)
+                                  checkpoint_every=0, autocast=autocast), progress=False)
     dead = _dead_idx(D_SAE, dead_fraction)
 
     def prepare() -> None:
@@ -63,18 +64,26 @@ def saelab_step(arch: str, rows: torch.Tensor, batch: int, dead_fraction: float)
 
 
 # ---- dense-matmul ceiling ---------------------------------------------------------------------
-def ceiling_step(rows: torch.Tensor, batch: int):
+def ceiling_step(rows: torch.Tensor, batch: int, dtype: torch.dtype = torch.float32):
     """Only the five [B,D]x[D,F]-sized matmuls of a ReLU SAE step, into preallocated outputs:
-    encoder forward, decoder forward, decoder weight grad, code grad, encoder weight grad."""
+    encoder forward, decoder forward, decoder weight grad, code grad, encoder weight grad
+    (all in ``dtype``; the rows are cast outside the timed step)."""
     D = rows.shape[1]
     g = torch.Generator().manual_seed(0)
-    W_enc = torch.randn(D, D_SAE, generator=g) / D**0.5
-    W_dec = torch.randn(D_SAE, D, generator=g) / D_SAE**0.5
-    f_BF, df_BF = torch.empty(batch, D_SAE), torch.empty(batch, D_SAE)
-    r_BD = torch.empty(batch, D)
-    dW_dec, dW_enc = torch.empty(D_SAE, D), torch.empty(D, D_SAE)
+    W_enc = (torch.randn(D, D_SAE, generator=g) / D**0.5).to(dtype)
+    W_dec = (torch.randn(D_SAE, D, generator=g) / D_SAE**0.5).to(dtype)
+    f_BF = torch.empty(batch, D_SAE, dtype=dtype)
+    df_BF = torch.empty(batch, D_SAE, dtype=dtype)
+    r_BD = torch.empty(batch, D, dtype=dtype)
+    dW_dec = torch.empty(D_SAE, D, dtype=dtype)
+    dW_enc = torch.empty(D, D_SAE, dtype=dtype)
+    cast = {}
 
     def step(x: torch.Tensor) -> None:
+        if dtype != x.dtype:  # cast once per batch: the real step gets its rows in dtype
+            if x.data_ptr() not in cast:
+                cast[x.data_ptr()] = x.to(dtype)
+            x = cast[x.data_ptr()]
         torch.mm(x, W_enc, out=f_BF)
         torch.mm(f_BF, W_dec, out=r_BD)
         torch.mm(f_BF.T, r_BD, out=dW_dec)
@@ -85,11 +94,12 @@ def ceiling_step(rows: torch.Tensor, batch: int):
 
 
 # ---- EleutherAI sparsify ----------------------------------------------------------------------
-def sparsify_step(rows: torch.Tensor, batch: int, dead_fraction: float):
+def sparsify_step(rows: torch.Tensor, batch: int, dead_fraction: float, bf16: bool = False):
     """The body of ``sparsify.Trainer.fit`` for one batch (fvu loss, optimizer="adam"), calling
     sparsify's own SparseCoder forward (fused TopK encoder, AuxK, eager embedding_bag decoder),
     gradient projection, decoder renormalisation and dead-latent bookkeeping. AuxK is on
-    (auxk_alpha = 1/32) so its dead-latent check runs, as in saelab."""
+    (auxk_alpha = 1/32) so its dead-latent check runs, as in saelab. ``bf16``: the forward under
+    bf16 autocast, which sparsify itself applies on CUDA only (``SparseCoder.forward``)."""
     from sparsify import SparseCoder, SparseCoderConfig
     from transformers import get_linear_schedule_with_warmup
 
@@ -111,7 +121,8 @@ def sparsify_step(rows: torch.Tensor, batch: int, dead_fraction: float):
         sae.set_decoder_norm_to_unit_norm()
         dead_mask = since_fired > threshold
         total_variance = (x - x.mean(0)).pow(2).sum()
-        out = sae(x=x, y=x, dead_mask=dead_mask, total_variance=total_variance)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+            out = sae(x=x, y=x, dead_mask=dead_mask, total_variance=total_variance)
         did_fire[out.latent_indices.flatten()] = True
         float(out.fvu.detach())
         float(out.auxk_loss.detach())
@@ -130,9 +141,11 @@ def sparsify_step(rows: torch.Tensor, batch: int, dead_fraction: float):
 
 
 # ---- SAELens -----------------------------------------------------------------------------------
-def saelens_step(arch: str, rows: torch.Tensor, batch: int, dead_fraction: float):
+def saelens_step(arch: str, rows: torch.Tensor, batch: int, dead_fraction: float,
+                 bf16: bool = False):
     """``SAETrainer.step`` (training_forward_pass incl. AuxK, dead-neuron tracking, backward,
-    grad clipping, Adam, schedulers) with each training SAE's default config."""
+    grad clipping, Adam, schedulers) with each training SAE's default config; ``bf16``: its
+    ``autocast=True`` option (bf16 autocast around the training forward)."""
     from sae_lens.config import SAETrainerConfig
     from sae_lens.training.sae_trainer import SAETrainer
 
@@ -159,7 +172,7 @@ def saelens_step(arch: str, rows: torch.Tensor, batch: int, dead_fraction: float
         raise SystemExit(f"unknown sae_lens contender {arch}")
     # lr_end: the runner config's post-init default (lr / 10); unused by the constant schedule
     cfg = SAETrainerConfig(total_training_samples=batch * 10**6, train_batch_size_samples=batch,
-                           device="cpu", lr=3e-4, lr_end=3e-5)
+                           device="cpu", lr=3e-4, lr_end=3e-5, autocast=bf16)
     trainer = SAETrainer(cfg=cfg, sae=sae, data_provider=iter(()))
     dead = _dead_idx(D_SAE, dead_fraction)
 
@@ -175,15 +188,21 @@ def saelens_step(arch: str, rows: torch.Tensor, batch: int, dead_fraction: float
 
 def build(name: str, rows: torch.Tensor, batch: int,
           dead_fraction: float) -> tuple[Callable, Callable | None]:
+    """``lib/arch[@precision]``: ``@fp32`` / ``@bf16`` pin the SAE's precision (saelab: its
+    ``--autocast off|bf16``; baselines: their own bf16 autocast); no suffix: the library's
+    default (saelab: ``--autocast auto``; baselines: float32 on a CPU)."""
+    name, _, precision = name.partition("@")
     lib, _, arch = name.partition("/")
+    bf16 = precision == "bf16"
     if lib == "saelab":
-        return saelab_step(arch, rows, batch, dead_fraction)
+        mode = {"": "auto", "fp32": "off", "bf16": "bf16"}[precision]
+        return saelab_step(arch, rows, batch, dead_fraction, mode)
     if lib == "ceiling":
-        return ceiling_step(rows, batch)
+        return ceiling_step(rows, batch, torch.bfloat16 if bf16 else torch.float32)
     if lib == "sparsify":
-        return sparsify_step(rows, batch, dead_fraction)
+        return sparsify_step(rows, batch, dead_fraction, bf16)
     if lib == "sae_lens":
-        return saelens_step(arch, rows, batch, dead_fraction)
+        return saelens_step(arch, rows, batch, dead_fraction, bf16)
     raise SystemExit(f"unknown contender {name}")
 
 

@@ -36,8 +36,12 @@ warms up, then in each of ``--rounds`` rounds each contender (in rotated order) 
 column is the interquartile range of its step times over the median, and each ratio is also
 given as the range of per-round ratios, so noise is visible.
 
-Targets (project guide): TopK ≥ 1.5× sparsify and ≥ 3× SAELens; Gated ≥ 2× SAELens; ReLU near
-the dense-matmul ceiling (taken here as ≥ 0.8× its tokens/s).
+Precision: ``name@fp32`` / ``name@bf16`` (see ``DEFAULT``). saelab's ``--autocast auto`` (the
+default) trains the TopK family and relu as ``@bf16`` where bf16 matmuls are fast, which the
+header line reports; every ratio names both sides' precision.
+
+Targets (issue 13): TopK ≥ 1.5× sparsify with and without AuxK and ≥ 3× SAELens; Gated ≥ 2.5×
+SAELens; ReLU ≥ 0.9× the dense-matmul ceiling of the same precision.
 """
 
 from __future__ import annotations
@@ -60,20 +64,32 @@ WORKER = HERE / "_train_worker.py"
 BASELINE_VENV = HERE / ".venv-baselines"
 BASELINE_PACKAGES = ("eai-sparsify==1.3.3", "sae-lens==6.54.12")
 BATCH = 4096
-DEFAULT = ("saelab/topk", "saelab/batchtopk", "saelab/gated", "saelab/relu", "ceiling/relu",
-           "sparsify/topk", "sae_lens/topk", "sae_lens/gated",
-           "saelab/topk+auxk", "sparsify/topk+auxk", "sae_lens/topk+auxk")
-EXTRA = ("sae_lens/batchtopk", "sae_lens/relu")
+#: ``@fp32`` / ``@bf16``: the SAE's precision (saelab: ``--autocast off|bf16``; sparsify and
+#: SAELens: their own bf16 autocast, which sparsify applies on CUDA only); no suffix: float32
+DEFAULT = ("saelab/topk@fp32", "saelab/topk@bf16", "sparsify/topk", "sparsify/topk@bf16",
+           "sae_lens/topk",
+           "saelab/topk@fp32+auxk", "saelab/topk@bf16+auxk", "sparsify/topk+auxk",
+           "sparsify/topk@bf16+auxk",
+           "saelab/batchtopk@bf16",
+           "saelab/gated@fp32", "sae_lens/gated", "sae_lens/gated@bf16",
+           "saelab/relu@fp32", "saelab/relu@bf16", "ceiling/relu", "ceiling/relu@bf16")
+EXTRA = ("sae_lens/batchtopk", "sae_lens/relu", "sae_lens/topk+auxk", "saelab/gated@bf16")
 #: (numerator, denominator, minimum ratio, label)
 TARGETS = (
-    ("saelab/topk", "sparsify/topk", 1.5, "TopK vs sparsify"),
-    ("saelab/topk", "sae_lens/topk", 3.0, "TopK vs SAELens"),
-    ("saelab/gated", "sae_lens/gated", 2.0, "Gated vs SAELens"),
-    ("saelab/relu", "ceiling/relu", 0.8, "ReLU vs dense-matmul ceiling"),
-    ("saelab/topk+auxk", "sparsify/topk+auxk", None, "TopK+AuxK vs sparsify"),
-    ("saelab/topk+auxk", "sae_lens/topk+auxk", None, "TopK+AuxK vs SAELens"),
-    ("saelab/batchtopk", "sae_lens/batchtopk", None, "BatchTopK vs SAELens"),
-    ("saelab/relu", "sae_lens/relu", None, "ReLU vs SAELens"),
+    ("saelab/topk@bf16", "sparsify/topk", 1.5, "TopK bf16-π vs sparsify fp32"),
+    ("saelab/topk@bf16", "sparsify/topk@bf16", 1.5, "TopK vs sparsify, both bf16"),
+    ("saelab/topk@fp32", "sparsify/topk", 1.5, "TopK vs sparsify, both fp32"),
+    ("saelab/topk@bf16+auxk", "sparsify/topk+auxk", 1.5, "TopK+AuxK bf16-π vs sparsify fp32"),
+    ("saelab/topk@bf16+auxk", "sparsify/topk@bf16+auxk", 1.5, "TopK+AuxK, both bf16"),
+    ("saelab/topk@fp32+auxk", "sparsify/topk+auxk", 1.5, "TopK+AuxK, both fp32"),
+    ("saelab/topk@bf16", "sae_lens/topk", 3.0, "TopK bf16-π vs SAELens fp32"),
+    ("saelab/gated@fp32", "sae_lens/gated", 2.5, "Gated vs SAELens, both fp32"),
+    ("saelab/gated@fp32", "sae_lens/gated@bf16", None, "Gated fp32 vs SAELens bf16"),
+    ("saelab/relu@fp32", "ceiling/relu", 0.9, "ReLU vs dense ceiling, fp32"),
+    ("saelab/relu@bf16", "ceiling/relu@bf16", 0.9, "ReLU vs dense ceiling, bf16"),
+    ("saelab/relu@bf16", "ceiling/relu", None, "ReLU bf16 vs fp32 ceiling"),
+    ("saelab/batchtopk@bf16", "sae_lens/batchtopk", None, "BatchTopK bf16-π vs SAELens"),
+    ("saelab/relu@fp32", "sae_lens/relu", None, "ReLU vs SAELens, fp32"),
 )
 #: glibc equivalent of saelab.runtime.tune_malloc()
 TUNED_MALLOC = "glibc.malloc.mmap_max=0:glibc.malloc.trim_threshold=2147483647:" \
@@ -257,7 +273,11 @@ def main() -> None:
         base_py = str(baselines_python(Path(args.baselines_venv)))
 
     rows, source = load_rows(args.store, 4 * BATCH)
-    header = (f"d_in {rows.shape[1]}, d_sae 4096, k 32, batch {BATCH}, fp32, {args.threads} "
+    from saelab.runtime import BF16_MIN_SPEEDUP, bf16_speedup
+
+    auto = "bf16" if bf16_speedup(torch.device("cpu")) >= BF16_MIN_SPEEDUP else "fp32"
+    header = (f"d_in {rows.shape[1]}, d_sae 4096, k 32, batch {BATCH}, fp32 parameters, "
+              f"--autocast auto = {auto} here, {args.threads} "
               f"threads, malloc {args.malloc} for all, torch {torch.__version__}, rows: {source}; "
               f"{args.rounds} rounds x {args.steps} steps after {args.warmup} warm-up")
     workers: dict[str, Worker] = {}

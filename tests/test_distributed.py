@@ -42,7 +42,10 @@ def _cfg(arch: str, store: Path, out: Path, steps: int = STEPS, batch: int = B) 
     cfg = RunConfig(sae=SAEConfig(architecture=arch, d_sae=64, options=options),
                     train=TrainConfig(tokens=batch * steps, batch_size=batch, log_every=3,
                                       checkpoint_every=0, shuffle_buffer_rows=1000,
-                                      lr_warmup_steps=2),
+                                      lr_warmup_steps=2,
+                                      # float32: bf16 rounding of the selection product
+                                      # depends on how the GEMM blocks its rows
+                                      autocast="off"),
                     store=str(store), out=str(out))
     cfg.model.device = "cpu"
     return cfg

@@ -7,7 +7,7 @@ import torch
 
 from saelab.config import SAEConfig, TrainConfig
 from saelab.errors import CheckpointError
-from saelab.saes.registry import build_sae
+from saelab.saes.registry import build_sae, get_family, with_family
 from saelab.train.dead import DeadLatentTracker
 from saelab.train.schedules import lr_multiplier
 from saelab.train.trainer import Trainer, TrainingDivergedError
@@ -164,19 +164,24 @@ def test_autocast_modes():
         TrainConfig(autocast="fp8").validate()
 
 
-def test_bf16_autocast_trains_like_float32():
-    """relu (dense matmuls) under bf16 autocast: parameters stay float32 and the FVU after 60
-    steps is within 2% of the float32 run's."""
+@pytest.mark.parametrize("arch", ["relu", "topk", "gated"])
+def test_bf16_autocast_trains_like_float32(arch):
+    """Under bf16 autocast (relu: every matmul; topk: the selection product, values re-attached
+    in float32; gated: its fused kernel replays autocast in the backward) parameters and their
+    gradients stay float32 and the FVU after 60 steps is within 2% of the float32 run's."""
     def run(mode):
         torch.manual_seed(0)
         dirs = torch.randn(96, 32, generator=torch.Generator().manual_seed(1))
         g = torch.Generator().manual_seed(2)
         batches = (torch.relu(torch.randn(256, 96, generator=g) - 1.2) @ dirs for _ in range(60))
-        sae = build_sae(SAEConfig(architecture="relu", d_in=32, d_sae=128),
+        sae = build_sae(with_family(SAEConfig(architecture=arch, d_in=32, d_sae=128,
+                                              options={"k": 8}), strict=False),
                         generator=torch.Generator().manual_seed(0))
-        res = Trainer(sae, TrainConfig(tokens=256 * 60, batch_size=256, autocast=mode,
-                                       log_every=60), progress=False).fit(batches)
-        assert sae.W_enc.dtype == torch.float32
+        tr = Trainer(sae, TrainConfig(tokens=256 * 60, batch_size=256, autocast=mode,
+                                      log_every=60), progress=False)
+        res = tr.fit(batches)
+        assert tr.autocast_dtype == (torch.bfloat16 if mode == "bf16" else None)
+        assert all(p.dtype == torch.float32 for p in sae.parameters())
         return res.final["fvu"]
 
     fp32, bf16 = run("off"), run("bf16")
@@ -184,17 +189,43 @@ def test_bf16_autocast_trains_like_float32():
     assert abs(bf16 - fp32) / fp32 < 0.02
 
 
-def test_autocast_auto_falls_back_for_kernels_that_refuse_it(tmp_path):
-    """gated's fused kernel refuses bf16: explicit bf16 is a one-line error, auto trains in
-    float32 exactly as off does (where this CPU has native bf16, auto did try bf16)."""
+def test_autocast_auto_is_per_family_and_measured(monkeypatch):
+    """auto: bf16 only for opted-in families, and only where the bf16 benchmark says it wins."""
+    from saelab.train import trainer as trainer_mod
+
+    cpu = torch.device("cpu")
+    monkeypatch.setattr(trainer_mod, "bf16_speedup", lambda device: 2.0)
+    assert trainer_mod.resolve_autocast("auto", cpu, family_auto=True) is torch.bfloat16
+    assert trainer_mod.resolve_autocast("auto", cpu, family_auto=False) is None
+    monkeypatch.setattr(trainer_mod, "bf16_speedup", lambda device: 1.0)
+    assert trainer_mod.resolve_autocast("auto", cpu, family_auto=True) is None
+    assert all(get_family(a).autocast_auto for a in ("topk", "batchtopk", "relu", "gated"))
+    assert not get_family("vsae").autocast_auto and not get_family("jumprelu").autocast_auto
+
+
+def test_autocast_auto_falls_back_for_kernels_that_refuse_it(tmp_path, monkeypatch):
+    """A kernel that refuses bf16: explicit bf16 is a one-line error; auto probes once on a copy
+    and then trains in float32 exactly as off does."""
     from saelab.errors import ConfigError
+    from saelab.train import trainer as trainer_mod
+
+    monkeypatch.setattr(trainer_mod, "bf16_speedup", lambda device: 2.0)
+    cls = get_family("topk")
+    plain_loss = cls.loss
+
+    def picky_loss(self, x_BD, *a, **kw):
+        if torch.is_autocast_enabled("cpu"):
+            raise RuntimeError("expected scalar type Float but found BFloat16")
+        return plain_loss(self, x_BD, *a, **kw)
+
+    monkeypatch.setattr(cls, "loss", picky_loss)
 
     def run(mode, steps=8):
-        tr = make_trainer(tmp_path / mode, "gated", steps=steps, autocast=mode)
+        tr = make_trainer(tmp_path / mode, "topk", steps=steps, autocast=mode)
         tr.fit(synthetic_batches())
         return tr
 
-    with pytest.raises(ConfigError, match="autocast bf16 is not supported by gated"):
+    with pytest.raises(ConfigError, match="autocast bf16 is not supported by topk"):
         run("bf16")
     off, auto = run("off"), run("auto")
     assert auto.autocast_dtype is None and not auto._probe_pending

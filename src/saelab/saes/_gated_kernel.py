@@ -22,34 +22,59 @@ class GatedEncode(torch.autograd.Function):
             h_BF = torch.addmm(-(b_dec_D @ W_DF), x_BD, W_DF)
         else:
             h_BF = x_BD @ W_DF
+        # under autocast h is bf16: keep every [B, F] pass in h's dtype (mixed-dtype
+        # elementwise ops promote to float32 and take torch's slow casting loops)
+        cd = h_BF.dtype
         scale_F = r_mag_F.exp()
-        gate_BF = torch.relu(h_BF + b_gate_F)
-        pi_mag_BF = torch.addcmul(b_mag_F, h_BF, scale_F)
-        active_BF = (gate_BF > 0) & (pi_mag_BF > 0)
-        f_BF = pi_mag_BF.mul_(active_BF)  # reuse the buffer: π_mag is not needed again
+        gate_BF = torch.relu(h_BF + b_gate_F.to(cd))
+        pi_mag_BF = torch.addcmul(b_mag_F.to(cd), h_BF, scale_F.to(cd))
+        # f = ReLU(π_mag) where π_gate > 0 (⇔ gate > 0): threshold_backward(v, m, 0) is
+        # "v where m > 0, else 0" in one vectorised pass, with no boolean mask kept
+        f_BF = _where_positive(pi_mag_BF.relu_(), gate_BF)
         ctx.sub_b_dec = sub_b_dec
-        ctx.save_for_backward(x_BD, W_DF, b_dec_D, h_BF, scale_F, gate_BF, active_BF)
+        dev = x_BD.device.type
+        # the backward runs outside the caller's autocast region: replay it there, so its
+        # matmuls run in the same precision as the forward's
+        ctx.autocast = (dev, torch.is_autocast_enabled(dev), torch.get_autocast_dtype(dev))
+        ctx.save_for_backward(x_BD, W_DF, b_dec_D, h_BF, scale_F, gate_BF, f_BF)
         return f_BF, gate_BF
 
     @staticmethod
     def backward(ctx, grad_f_BF: Tensor | None, grad_gate_BF: Tensor | None):
-        x_BD, W_DF, b_dec_D, h_BF, scale_F, gate_BF, active_BF = ctx.saved_tensors
-        # dπ_mag = grad_f on active latents; dπ_gate = grad_gate where π_gate > 0.
-        d_mag_BF = grad_f_BF * active_BF if grad_f_BF is not None else torch.zeros_like(h_BF)
+        dev, enabled, dtype = ctx.autocast
+        with torch.autocast(dev, dtype=dtype, enabled=enabled):
+            return GatedEncode._backward(ctx, grad_f_BF, grad_gate_BF)
+
+    @staticmethod
+    def _backward(ctx, grad_f_BF: Tensor | None, grad_gate_BF: Tensor | None):
+        x_BD, W_DF, b_dec_D, h_BF, scale_F, gate_BF, f_BF = ctx.saved_tensors
+        cd = h_BF.dtype
+        # dπ_mag = grad_f on active latents (f > 0 exactly there); dπ_gate = grad_gate where
+        # π_gate > 0
+        if grad_f_BF is not None:
+            d_mag_BF = _where_positive(grad_f_BF.to(cd), f_BF)
+        else:
+            d_mag_BF = torch.zeros_like(h_BF)
         if grad_gate_BF is not None:
-            d_gate_BF = grad_gate_BF * (gate_BF > 0)
+            d_gate_BF = _where_positive(grad_gate_BF.to(cd), gate_BF)
         else:
             d_gate_BF = torch.zeros_like(h_BF)
         # column sums as BLAS gemv (ones @ M): ~3x faster than .sum(0) on a 2-core CPU
         ones_B = h_BF.new_ones(h_BF.shape[0])
-        d_r_F = (ones_B @ (d_mag_BF * h_BF)) * scale_F
-        d_b_mag_F = ones_B @ d_mag_BF
-        d_b_gate_F = ones_B @ d_gate_BF
-        d_h_BF = torch.addcmul(d_gate_BF, d_mag_BF, scale_F)
-        d_W_DF = x_BD.T @ d_h_BF
+        pd = scale_F.dtype  # the parameters' dtype: gradients are returned in it
+        d_r_F = (ones_B @ (d_mag_BF * h_BF)).to(pd) * scale_F
+        d_b_mag_F = (ones_B @ d_mag_BF).to(pd)
+        d_b_gate_F = (ones_B @ d_gate_BF).to(pd)
+        d_h_BF = torch.addcmul(d_gate_BF, d_mag_BF, scale_F.to(cd))
+        d_W_DF = (x_BD.T @ d_h_BF).to(pd)
         d_b_dec_D = None
         if ctx.sub_b_dec:
             d_h_F = d_b_gate_F + scale_F * d_b_mag_F  # = d_h_BF.sum(0), by linearity
             d_W_DF.sub_(torch.outer(b_dec_D, d_h_F))
             d_b_dec_D = -(W_DF @ d_h_F)
         return None, d_W_DF, d_b_dec_D, d_b_gate_F, d_r_F, d_b_mag_F, None
+
+
+def _where_positive(v_BF: Tensor, m_BF: Tensor) -> Tensor:
+    """``v`` where ``m > 0``, else 0 (ReLU's backward kernel; no mask tensor is built)."""
+    return torch.ops.aten.threshold_backward(v_BF, m_BF, 0)

@@ -154,6 +154,8 @@ class TopKBaseSAE(AuxKMixin, SAE):
     train_defaults = {"lr": topk_lr, "adam_beta1": 0.9}
     sweep_param = "options.k"
     sweep_levels = (16, 32, 64)
+    #: only the selection's π runs in bf16; values are re-attached in float32 (sparse.py)
+    autocast_auto = True
     #: AbsTopK selects by |π| and keeps signs
     signed = False
     #: ``loss`` selects on a detached π and re-attaches only the selected entries (sparse

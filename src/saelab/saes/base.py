@@ -82,6 +82,9 @@ class SAE(nn.Module):
     sweep_levels: ClassVar[tuple[float, ...]] = ()
     #: True if training needs the LM-loss gradient at the hook beside each activation (g-SAE)
     uses_lm_grads: ClassVar[bool] = False
+    #: ``--autocast auto`` trains this family under bf16 autocast where bf16 matmuls are fast
+    #: (measured: faster, FVU unchanged; docs/methods.md §0.7); others stay float32
+    autocast_auto: ClassVar[bool] = False
     defaults: ClassVar[dict[str, Any]] = {}
     #: defaults of every family unless its ``defaults`` says otherwise
     shared_defaults: ClassVar[dict[str, Any]] = {"normalize_activations": "scalar_sqrt_d",

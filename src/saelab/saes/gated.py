@@ -40,6 +40,7 @@ class GatedOptions:
 @register
 class GatedSAE(SAE):
     architecture = "gated"
+    autocast_auto = True
     Options = GatedOptions
     saelens_loads = ("gated",)
     saelens_architecture = "gated"

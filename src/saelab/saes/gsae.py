@@ -70,6 +70,7 @@ class GSAEOptions(TopKOptions):
 @register
 class GradientSAE(TopKBaseSAE):
     """g-SAE: TopK whose selection adds each latent's first-order effect on the LM loss."""
+    autocast_auto = False  # dense terms beside the selection: not measured under bf16
 
     architecture = "gsae"
     Options = GSAEOptions

@@ -35,6 +35,7 @@ class ReLUSAE(SAE):
     saelens_loads = ("standard",)
     saelens_architecture = "standard"
     variants = ("april", "tm")
+    autocast_auto = True
     defaults = {
         "variant": "april",
         "apply_b_dec_to_input": lambda v: v["variant"] == "tm",

@@ -17,9 +17,7 @@ matmul that selection needs:
 
 from __future__ import annotations
 
-import contextlib
 import warnings
-from collections.abc import Iterator
 from typing import NamedTuple
 
 import torch
@@ -27,27 +25,6 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from saelab import dist
-
-
-@contextlib.contextmanager
-def serial(device: torch.device | None = None) -> Iterator[None]:
-    """Run CPU ops on one intra-op thread inside the block.
-
-    The sparse bookkeeping of a step (sorting and counting B·k indices, gathers of B·k rows,
-    CSR products) is small or memory-bound work that torch splits across threads anyway; on a
-    2-core CPU those parallel regions were 2-25x *slower* than one thread (a 131k-entry argsort:
-    ~20 ms serial, ~390 ms on two threads when the other core was busy). The big matmuls stay
-    parallel because they run outside such blocks. No-op on accelerators.
-    """
-    n = torch.get_num_threads()
-    if n == 1 or (device is not None and device.type != "cpu"):
-        yield
-        return
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(n)
 
 
 class SparseCode(NamedTuple):
@@ -86,10 +63,9 @@ class SparseCode(NamedTuple):
 
     def fired(self, d_sae: int) -> Tensor:
         """bool ``[F]``: latents with a nonzero code somewhere in the batch (no host sync)."""
-        with serial(self.idx.device):
-            nz = (self.vals != 0).flatten().to(torch.uint8)
-            hits = torch.zeros(d_sae, dtype=torch.uint8, device=self.idx.device)
-            return hits.scatter_reduce_(0, self.idx.flatten(), nz, "amax").bool()
+        nz = (self.vals != 0).flatten().to(torch.uint8)
+        hits = torch.zeros(d_sae, dtype=torch.uint8, device=self.idx.device)
+        return hits.scatter_reduce_(0, self.idx.flatten(), nz, "amax").bool()
 
     def l0(self, batch: int) -> Tensor:
         """Mean number of nonzero codes per row."""
@@ -125,11 +101,6 @@ class _SparseDecode(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, g_BD: Tensor):
-        with serial(g_BD.device):
-            return _SparseDecode._backward(ctx, g_BD)
-
-    @staticmethod
-    def _backward(ctx, g_BD: Tensor):
         vals, W_FD, idx, offsets = ctx.saved_tensors
         g_BD = g_BD.contiguous()
         d_vals = d_W = None
@@ -162,8 +133,7 @@ def scatter_rows(idx: Tensor, offsets: Tensor | None, weights: Tensor, rows_BD: 
     ``torch.sparse.mm`` of the transposed ``[B, F]`` CSR matrix, and ~400 ms for ``index_add_``
     of an ``[N, D]`` product temporary (sparsify's encoder backward).
     """
-    with serial(rows_BD.device):
-        return _scatter_rows(idx, offsets, weights, rows_BD, n_out, transpose)
+    return _scatter_rows(idx, offsets, weights, rows_BD, n_out, transpose)
 
 
 def _scatter_rows(idx: Tensor, offsets: Tensor | None, weights: Tensor, rows_BD: Tensor,
@@ -209,17 +179,14 @@ class _SelectedPreActs(torch.autograd.Function):
             vals = pre_BF.gather(1, idx)
         else:
             vals = pre_BF[SparseCode(idx, idx, offsets).rows(), idx]
+        # under autocast π is bf16; the selected values join the float32 graph
+        vals = vals.to(W_DF.dtype)
         ctx.has_b_enc, ctx.has_b_dec = b_enc_F is not None, b_dec_D is not None
         ctx.save_for_backward(x_BD, W_DF, b_dec_D, idx, offsets)
         return vals
 
     @staticmethod
     def backward(ctx, g: Tensor):
-        with serial(g.device):
-            return _SelectedPreActs._backward(ctx, g)
-
-    @staticmethod
-    def _backward(ctx, g: Tensor):
         x_BD, W_DF, b_dec_D, idx, offsets = ctx.saved_tensors
         need = ctx.needs_input_grad
         Fdim = W_DF.shape[1]
@@ -255,7 +222,7 @@ class _ColumnPreActs(torch.autograd.Function):
                 b_dec_D: Tensor | None, cols: Tensor) -> Tensor:
         ctx.has_b_enc, ctx.has_b_dec = b_enc_F is not None, b_dec_D is not None
         ctx.save_for_backward(x_BD, W_DF, b_dec_D, cols)
-        return pre_BF.index_select(1, cols)
+        return pre_BF.index_select(1, cols).to(W_DF.dtype)
 
     @staticmethod
     def backward(ctx, g_BN: Tensor):
@@ -324,11 +291,10 @@ def attach_grad(pre: SparsePreActs, code: SparseCode, signed: bool = False) -> S
     selection zeroed (``vals == 0``, e.g. unmatched Feature Choice slots) stay zero. The numbers
     equal ``code.vals`` for every selection that keeps ``act(π)`` values.
     """
-    with serial(code.idx.device):
-        v = pre.gather(code.idx, code.offsets)
-        if not signed:
-            v = torch.relu(v)
-        return code._replace(vals=torch.where(code.vals != 0, v, 0.0))
+    v = pre.gather(code.idx, code.offsets)
+    if not signed:
+        v = torch.relu(v)
+    return code._replace(vals=torch.where(code.vals != 0, v, 0.0))
 
 
 def topk_encode(x_BD: Tensor, W_enc_DF: Tensor, b_enc_F: Tensor | None, b_dec_D: Tensor | None,

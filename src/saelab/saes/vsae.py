@@ -97,6 +97,7 @@ class VSAEOptions(TopKOptions):
 @register
 class VariationalSAE(TopKBaseSAE):
     """TopK vSAE (docs/methods.md §11): Gaussian posterior over latents, KL to N(0, I), TopK by |z|."""
+    autocast_auto = False  # dense terms beside the selection: not measured under bf16
 
     architecture = "vsae"
     Options = VSAEOptions

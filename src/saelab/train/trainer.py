@@ -28,6 +28,7 @@ from tqdm.auto import tqdm
 from saelab import dist
 from saelab.config import TrainConfig
 from saelab.errors import CheckpointError, ConfigError, SaelabError
+from saelab.runtime import BF16_MIN_SPEEDUP, bf16_speedup
 from saelab.saes.base import SAE
 from saelab.train.checkpoint import (
     load_checkpoint,
@@ -70,7 +71,8 @@ class Trainer:
         self.input_scale = float(input_scale)
         self.progress, self.on_log = progress and self.is_main, on_log
         self.device = sae.W_dec.device
-        self.autocast_dtype = resolve_autocast(cfg.autocast, self.device)
+        self.autocast_dtype = resolve_autocast(cfg.autocast, self.device,
+                                               family_auto=type(sae).autocast_auto)
         self._probe_pending = self.autocast_dtype is not None and cfg.autocast == "auto"
         self.total_steps = cfg.total_steps
         sae.sparsity_warmup_steps = sparsity_warmup_steps(self.total_steps, cfg.l1_warmup_fraction)
@@ -363,13 +365,15 @@ class Trainer:
 AUTOCAST_MODES = ("off", "bf16", "auto")
 
 
-def resolve_autocast(mode: str, device: torch.device) -> torch.dtype | None:
+def resolve_autocast(mode: str, device: torch.device,
+                     family_auto: bool = True) -> torch.dtype | None:
     """The autocast dtype of the SAE forward/backward, or None for plain float32.
 
-    ``auto`` picks bf16 where the hardware multiplies bf16 natively (CUDA with bf16; CPUs with
-    AVX512-BF16 or AMX, as oneDNN reports) and off elsewhere (emulated bf16 is slower than
-    float32); a family whose kernels are not autocast-aware then trains in float32 (see
-    :meth:`Trainer._probe_autocast`)."""
+    ``auto`` picks bf16 for families that opt in (``SAE.autocast_auto``: measured faster with
+    an unchanged FVU) on devices where bf16 matmuls beat float32 by ``BF16_MIN_SPEEDUP``, as
+    the cached one-off micro-benchmark :func:`saelab.runtime.bf16_speedup` measures (CUDA: where
+    bf16 is supported); off elsewhere. A family whose kernels are not autocast-aware then
+    trains in float32 (see :meth:`Trainer._probe_autocast`)."""
     mode = (mode or "off").strip().lower()
     if mode not in AUTOCAST_MODES:
         raise ConfigError(f"unknown --autocast {mode!r}: choose one of {', '.join(AUTOCAST_MODES)}")
@@ -377,18 +381,13 @@ def resolve_autocast(mode: str, device: torch.device) -> torch.dtype | None:
         return None
     if mode == "bf16":
         return torch.bfloat16
-    if device.type == "cuda" and torch.cuda.is_bf16_supported():
-        return torch.bfloat16
-    if device.type == "cpu" and _cpu_has_native_bf16():
+    if not family_auto:
+        return None
+    if device.type == "cuda":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else None
+    if device.type == "cpu" and bf16_speedup(device) >= BF16_MIN_SPEEDUP:
         return torch.bfloat16
     return None
-
-
-def _cpu_has_native_bf16() -> bool:
-    try:  # private torch helper: absent on some builds
-        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
-    except Exception:
-        return False
 
 
 def _adam_impl(device: torch.device) -> dict[str, bool]:
