@@ -61,7 +61,9 @@ class ReLUSAE(SAE):
         self.b_dec.zero_()
 
     def pre_acts(self, x_BD: Tensor) -> Tensor:
-        return self._input_for_encoder(x_BD, self.W_enc) + self.b_enc
+        h_BF = self._input_for_encoder(x_BD, self.W_enc)
+        # in h's dtype: under autocast a float32 bias would promote every [B, F] pass after it
+        return h_BF + self.b_enc.to(h_BF.dtype)
 
     def encode(self, x_BD: Tensor) -> Tensor:
         return torch.relu(self.pre_acts(x_BD))
@@ -71,8 +73,9 @@ class ReLUSAE(SAE):
         recon_BD = self.decode(f_BF)
         mse = (recon_BD - x_BD).pow(2).sum(-1).mean()
         if self.cfg.variant == "april":
-            # Norm-weighted L1: sum_F f_F*||d_F|| = f @ norms, a matrix-vector product.
-            sparsity = (f_BF @ self.W_dec.norm(dim=1)).mean()
+            # Norm-weighted L1, mean over rows of Σ_F f_F‖d_F‖: summing f over the batch first
+            # makes its gradient an expanded [F] row instead of a materialised [B, F] outer product
+            sparsity = f_BF.sum(0) @ self.W_dec.norm(dim=1).to(f_BF.dtype) / f_BF.shape[0]
         else:
             sparsity = f_BF.sum(-1).mean()
         lam = self.cfg.l1_coefficient * self.sparsity_scale(step)
