@@ -11,11 +11,14 @@ import torch
 from saelab.analysis._similarity_measures import (
     align_token_ends,
     best_matches,
+    centred,
+    cka_from_centred,
     jaccard,
     linear_cka,
     relative_similarity,
     svcca,
 )
+from saelab.errors import ConfigError
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -53,6 +56,10 @@ def test_cka_invariances_and_independence():
     ref = torch.trace(K @ H @ L @ H) / torch.sqrt(torch.trace(K @ H @ K @ H)
                                                   * torch.trace(L @ H @ L @ H))
     assert linear_cka(X, Y) == pytest.approx(float(ref), rel=1e-9)
+    # the feature-space form `saelab similarity` uses (float32 states)
+    assert cka_from_centred(*centred(X), *centred(Y)) == pytest.approx(float(ref), rel=1e-5)
+    assert cka_from_centred(*centred(X), *centred(X @ _rotation(24))) == pytest.approx(1.0,
+                                                                                  abs=1e-5)
 
 
 def test_svcca_and_relative_under_rotation():
@@ -101,7 +108,68 @@ def test_window_char_spans_match_windows(tiny_tokenizer):
                 assert tiny_tokenizer.decode([int(w[t])]).strip() == piece.strip()
 
 
-def test_similarity_of_a_model_with_itself_end_to_end(tiny, tiny_tokenizer, tmp_path):
+def _planted_layers(n=600, d=12, seed=0):
+    """Three "layers" of the same n inputs: a, a copy scaled by 2 (bitwise the same unit
+    vectors, so the same ITDA) and an unrelated one."""
+    a = _rep(n, d, seed).float()
+    return {0: a, 1: 2.0 * a, 2: _rep(n, d, seed + 7).float()}
+
+
+def test_fit_to_size_hits_the_size_from_any_start():
+    from saelab.analysis.similarity import _SIZE_TOL, SimilarityConfig, _fit, fit_to_size
+
+    cfg = SimilarityConfig(k=4, itda_batch_rows=32)
+    x = _planted_layers()[0]
+    sizes = {d: _fit(cfg, x, "cpu", d).d_sae for d in (1e-1, 1e-3, 1e-5)}
+    assert sizes[1e-1] < 100 < 300 < sizes[1e-5]  # the search has room on both sides
+    for start in (1e-1, 1e-3, 1e-6):
+        sae, delta, builds = fit_to_size(cfg, x, 200, start)
+        assert 200 <= sae.d_sae <= 200 * (1 + _SIZE_TOL) and 1 <= builds <= 16
+        # the reported δ rebuilds that dictionary
+        assert _fit(cfg, x, "cpu", delta).atom_window.tolist() == sae.atom_window.tolist()
+
+
+def test_size_matched_dictionaries_and_their_jaccard_by_hand():
+    from saelab.analysis.similarity import SimilarityConfig, _build_itdas, _fit, jaccard
+
+    X = _planted_layers()
+    keys = [("doc", i) for i in range(600)]
+    cfg = SimilarityConfig(k=4, itda_batch_rows=32)
+    res = _build_itdas(cfg, [X, X], keys, False, 150, progress=False)
+    assert res["atoms"] == [[150] * 3] * 2 and all(b >= 150 for b in res["built"][0])
+    for m in range(2):
+        for L in X:
+            # independent route: the dictionary at the reported δ, its first 150 atoms' keys
+            first = _fit(cfg, X[L], "cpu", res["delta"][m][L]).atom_window[:150].tolist()
+            assert res["keys"][m][L] == {keys[r] for r in first}
+    k0, k2 = res["keys"][0][0], res["keys"][1][2]
+    assert res["keys"][0][0] == res["keys"][1][1]  # the scaled copy: the same atoms
+    inter = len(k0 & k2)
+    assert 0 < inter < 150 and jaccard(k0, k2) == inter / (300 - inter)
+    # one δ for every layer (the old behaviour): the sizes are the built sizes, uncropped
+    old = _build_itdas(cfg, [X, X], keys, False, 0, progress=False)
+    assert old["atoms"] == old["built"] and old["delta"][0] == [cfg.delta] * 3
+
+
+def test_itda_atoms_option_is_checked():
+    from saelab.analysis.similarity import SimilarityConfig, _atoms_target
+
+    assert SimilarityConfig(models=["a"]).atoms_target() is None
+    assert SimilarityConfig(models=["a"], itda_atoms="0").atoms_target() == 0
+    for bad in ("-3", "many"):
+        with pytest.raises(ConfigError, match="--itda-atoms"):
+            SimilarityConfig(models=["a"], itda_atoms=bad).validate()
+    X = [{0: torch.zeros(1000, 64)}, {0: torch.zeros(1000, 96)}]
+    assert _atoms_target(SimilarityConfig(), X, 1000) == 96 + (1000 - 96) // 4
+    with pytest.raises(ConfigError, match="d_model"):  # the bootstrap: every layer the same
+        _atoms_target(SimilarityConfig(itda_atoms="96"), X, 1000)
+    with pytest.raises(ConfigError, match="aligned positions"):
+        _atoms_target(SimilarityConfig(itda_atoms="1000"), X, 1000)
+
+
+@pytest.mark.parametrize("itda_atoms", ["auto", "0"])
+def test_similarity_of_a_model_with_itself_end_to_end(tiny, tiny_tokenizer, tmp_path,
+                                                      itda_atoms):
     """`saelab similarity` on a tiny LM given twice (two spellings, so it is loaded and its
     ITDAs built twice): every measure matches each layer to itself, files are written."""
     import json
@@ -123,9 +191,21 @@ def test_similarity_of_a_model_with_itself_end_to_end(tiny, tiny_tokenizer, tmp_
     tiny_tokenizer.save_pretrained(lm)
     cfg = SimilarityConfig(models=[str(lm), str(lm) + "/"], dataset=str(corpus), split="train",
                            documents=16, context_size=24, k=8, delta=2e-3, itda_batch_rows=32,
-                           anchors=40, svcca_components=8, device="cpu", model_dtype="float32")
+                           anchors=40, svcca_components=8, device="cpu", model_dtype="float32",
+                           itda_atoms=itda_atoms)
     res = run(cfg, [], tmp_path / "sim", progress=False)
-    assert res.layers == [[0, 1, 2, 3], [0, 1, 2, 3]] and res.aligned_positions > 100
+    n_rows = res.aligned_positions
+    assert res.layers == [[0, 1, 2, 3], [0, 1, 2, 3]] and n_rows > 100
+    if itda_atoms == "auto":
+        n = 64 + (n_rows - 64) // 4
+        assert res.itda_atoms == n and res.atoms == [[n] * 4] * 2
+        # at one size N, J = |A∩B| / (2N - |A∩B|): every entry gives a whole overlap count
+        J = torch.tensor(res.matrices["itda_jaccard"], dtype=torch.float64)
+        inter = 2 * n * J / (1 + J)
+        assert torch.allclose(inter, inter.round(), atol=1e-6)
+    else:
+        assert res.itda_atoms == 0 and res.atoms == res.atoms_built
+        assert len({a for sizes in res.atoms for a in sizes}) > 1  # sizes differ by layer
     for m in MEASURES:
         mat = torch.tensor(res.matrices[m])
         assert torch.allclose(mat.diagonal(), torch.ones(4, dtype=mat.dtype), atol=1e-5), m

@@ -33,18 +33,19 @@ def linear_cka(X_ND: Tensor, Y_NE: Tensor) -> float:
     return float(num / den) if den > 0 else 0.0
 
 
-def centred_gram(X_ND: Tensor) -> Tensor:
-    """``Xc Xcᵀ`` of the column-centred representation (the doubly centred linear kernel;
-    float32 product, its sums are taken in float64 by :func:`cka_from_grams`)."""
+def centred(X_ND: Tensor) -> tuple[Tensor, float]:
+    """Column-centred ``X`` (float32) and ``‖XcᵀXc‖_F``: the per-layer state of
+    :func:`cka_from_centred`."""
     Xc = X_ND.float() - X_ND.float().mean(0, keepdim=True)
-    return Xc @ Xc.T
+    return Xc, float((Xc.T.double() @ Xc.double()).norm())
 
 
-def cka_from_grams(Kx_NN: Tensor, Ky_NN: Tensor) -> float:
-    """Linear CKA from two :func:`centred_gram` kernels: ``<Kx, Ky> / (‖Kx‖ ‖Ky‖)`` (equals
-    :func:`linear_cka`; with precomputed kernels a pair costs ``N²``, not ``N·D·E``)."""
-    num = (Kx_NN.double() * Ky_NN.double()).sum()
-    den = Kx_NN.double().norm() * Ky_NN.double().norm()
+def cka_from_centred(Xc_ND: Tensor, nx: float, Yc_NE: Tensor, ny: float) -> float:
+    """Linear CKA ``‖YcᵀXc‖²_F / (nx·ny)`` from :func:`centred` states (equals
+    :func:`linear_cka`). A pair costs ``N·D·E`` and no ``N²`` memory, so it scales to many
+    positions."""
+    num = (Yc_NE.T @ Xc_ND).double().square().sum()
+    den = nx * ny
     return float(num / den) if den > 0 else 0.0
 
 

@@ -12,11 +12,20 @@ offset mappings); identical tokenisers align everywhere. The ITDA label key is c
 ``char_span`` (document, end character; works across tokenisers), ``position`` (document,
 token position; needs one tokeniser, the reference's key) or ``token_id`` (needs one
 tokeniser).
+
+Dictionary sizes: at one δ the sizes differ widely by layer and model (a model whose unit
+activations are alike, such as Gemma 3 with its few huge residual dimensions, stays near its
+bootstrap), and Jaccard then favours the large dictionaries. By default every layer's
+dictionary is therefore *size-matched* (``--itda-atoms``): its own δ is found by bisection so
+that it holds N atoms (at most ``_SIZE_TOL`` more, cropped to N in data order, as the reference's
+``crop_dict_size`` crops). At one N the union is ``2N - |A ∩ B|``, so Jaccard ranks pairs by
+their overlap alone. ``--itda-atoms 0`` keeps one δ for every layer (the reference's way).
 """
 
 from __future__ import annotations
 
 import json
+import math
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -28,8 +37,8 @@ from tqdm.auto import tqdm
 from saelab.analysis._similarity_measures import (
     align_token_ends,
     best_matches,
-    centred_gram,
-    cka_from_grams,
+    centred,
+    cka_from_centred,
     jaccard,
     relative_vectors,
     svcca_basis,
@@ -47,6 +56,12 @@ from saelab.runtime import resolve_device
 from saelab.saes.itda import ITDA, ITDAOptions, LabelledRows
 
 MEASURES = ("itda_jaccard", "cka", "svcca", "relative")
+#: size matching: a layer's dictionary may exceed N by this fraction before it is cropped to N
+_SIZE_TOL = 0.03
+#: size matching: ITDA builds per layer at most (bracketing by factors of 4, then bisection)
+_MAX_BUILDS = 16
+#: size matching: the smallest δ tried before N is declared out of reach
+_MIN_DELTA = 1e-10
 
 
 @dataclass
@@ -67,8 +82,16 @@ class SimilarityConfig:
                    "position (document, token position; one tokeniser) or token_id.",
                    choices=("char_span", "position", "token_id"))
     k: int = opt(40, "ITDA matching-pursuit L0.", flag="itda_k")
-    delta: float = opt(0.0004, "ITDA error threshold (the reference's GPT-2 layer-similarity "
-                       "value).", flag="itda_delta")
+    delta: float = opt(0.0004, "ITDA error threshold with --itda-atoms 0 (the reference's GPT-2 "
+                       "layer-similarity value); with size matching, where each layer's δ "
+                       "search starts.", flag="itda_delta")
+    itda_atoms: str = opt(
+        "auto", "Size-matched ITDAs: every layer's dictionary holds exactly N atoms, its δ "
+        "found per layer by bisection (the dictionary at the δ just under N atoms, cropped to "
+        "N in data order). auto: the wider model's d_model (the bootstrap atoms) plus a "
+        "quarter of the remaining aligned positions. 0: off, one --itda-delta for every "
+        "layer (the reference's way; sizes then differ by layer and Jaccard favours large "
+        "dictionaries).")
     itda_batch_rows: int = opt(256, "ITDA construction batch (rows whose failing tokens are "
                                "added at once); small, so the dictionary grows greedily.")
     svcca_components: int = opt(20, "SVCCA: singular directions kept per side.")
@@ -86,6 +109,21 @@ class SimilarityConfig:
             raise ConfigError("--documents must be >= 1 and --context-size >= 4")
         if self.k < 1 or self.delta < 0 or self.itda_batch_rows < 1:
             raise ConfigError("--itda-k and --itda-batch-rows must be >= 1 and --itda-delta >= 0")
+        self.atoms_target()
+
+    def atoms_target(self) -> int | None:
+        """``--itda-atoms`` as a count: None for auto, 0 for off."""
+        v = str(self.itda_atoms).strip().lower()
+        if v == "auto":
+            return None
+        try:
+            n = int(v)
+        except ValueError:
+            n = -1
+        if n < 0:
+            raise ConfigError(f"--itda-atoms must be auto, 0 (one δ for every layer) or an atom "
+                              f"count, got {self.itda_atoms!r}")
+        return n
 
 
 @dataclass
@@ -93,12 +131,18 @@ class SimilarityOutput:
     models: list[str]
     layers: list[list[int]]
     aligned_positions: int
-    atoms: list[list[int]]  # ITDA size per layer, per model
+    atoms: list[list[int]]  # ITDA atoms compared per layer, per model (after the crop)
     matrices: dict[str, list[list[float]]]  # measure -> [layers A x layers B]
     best_match: dict[str, list[int]]  # measure -> best layer of B for each layer of A
     mean_depth_error: dict[str, float]  # measure -> mean |relative depth difference|
     heatmaps: dict[str, str] = field(default_factory=dict)
     seconds: float = 0.0
+    itda_atoms: int = 0  # the size every layer was matched to; 0: one δ for every layer
+    atoms_built: list[list[int]] = field(default_factory=list)  # sizes before the crop
+    itda_delta: list[list[float]] = field(default_factory=list)  # δ per layer, per model
+    itda_builds: list[list[int]] = field(default_factory=list)  # builds per layer (δ search)
+    documents: int = 0  # documents that gave aligned positions
+    timings: dict[str, float] = field(default_factory=dict)  # seconds per stage
 
 
 def _layers(spec: str, n: int) -> list[int]:
@@ -120,21 +164,69 @@ def _encode(tok: Any, text: str) -> tuple[list[int], list[int]]:
     return list(enc["input_ids"]), [int(e) for _, e in enc["offset_mapping"]]
 
 
+class _Stop(Exception):
+    """Raised after the last hooked block: the rest of the forward (and the LM head) is skipped."""
+
+
 @torch.no_grad()
 def _hidden(lm, ids: list[int], layers: list[int]) -> dict[int, torch.Tensor]:
     """resid_post of ``layers`` for one window (BOS + ids), all hooked in one forward."""
     blocks = find_blocks(lm.model)
     out: dict[int, torch.Tensor] = {}
-    handles = [blocks[L].register_forward_hook(
-        lambda _m, _a, o, L=L: out.__setitem__(L, (o[0] if isinstance(o, tuple) else o)[0]))
-        for L in layers]
+    last = max(layers)
+
+    def grab(_m, _a, o, L):
+        out[L] = (o[0] if isinstance(o, tuple) else o)[0]
+        if L == last:
+            raise _Stop
+
+    handles = [blocks[L].register_forward_hook(lambda m, a, o, L=L: grab(m, a, o, L))
+               for L in layers]
     try:
         x = torch.tensor([[bos_id(lm.tokenizer), *ids]], device=lm.device)
         lm.model(input_ids=x, use_cache=False)
+    except _Stop:
+        pass
     finally:
         for h in handles:
             h.remove()
     return {L: v[1:].float().cpu() for L, v in out.items()}  # drop the BOS position
+
+
+def _collect(cfg: SimilarityConfig, lms, layers: list[list[int]], same: bool, progress: bool):
+    """Aligned activations ``[{layer: X_PD}] * 2``, their keys and the documents used."""
+    acts: list[dict[int, list[torch.Tensor]]] = [{L: [] for L in ls} for ls in layers]
+    keys: list[tuple] = []
+    used = 0
+    docs = iter_documents(DataConfig(dataset=cfg.dataset), cfg.split)
+    bar = tqdm(total=cfg.documents, unit="doc", disable=not progress, desc="forward")
+    for d, text in enumerate(docs):
+        if d >= cfg.documents:
+            break
+        bar.update(1)
+        enc = [_encode(lm.tokenizer, text) for lm in lms]
+        if not all(ends for _, ends in enc):
+            continue
+        body = cfg.context_size - 1
+        # the characters both tokenisations cover within one window
+        limit = min(ends[min(body, len(ends)) - 1] for _, ends in enc)
+        cut = [([i for i, e in zip(ids, ends, strict=True) if e <= limit],
+                torch.tensor([e for e in ends if e <= limit])) for ids, ends in enc]
+        ia, ib = align_token_ends(cut[0][1], cut[1][1])
+        if not len(ia):
+            continue
+        used += 1
+        hid_a = _hidden(lms[0], cut[0][0], layers[0])
+        hid_b = hid_a if same else _hidden(lms[1], cut[1][0], layers[1])
+        for L in layers[0]:
+            acts[0][L].append(hid_a[L][ia])
+        for L in layers[1]:
+            acts[1][L].append(hid_b[L][ib])
+        for i in ia.tolist():
+            keys.append((d, int(cut[0][1][i])) if cfg.key == "char_span" else
+                        (d, i) if cfg.key == "position" else (cut[0][0][i],))
+    bar.close()
+    return [{L: torch.cat(v) for L, v in a.items()} for a in acts], keys, used
 
 
 def run(cfg: SimilarityConfig, _runs: list[Path], out: Path, progress: bool) -> SimilarityOutput:
@@ -151,58 +243,38 @@ def run(cfg: SimilarityConfig, _runs: list[Path], out: Path, progress: bool) -> 
         raise ConfigError(f"--key {cfg.key} needs one tokeniser, and these models have two: "
                           "use --key char_span")
     layers = [_layers(cfg.layers, lm.n_layers) for lm in lms]
+    timings = {"load": time.perf_counter() - t0}
 
-    acts: list[dict[int, list[torch.Tensor]]] = [{L: [] for L in ls} for ls in layers]
-    keys: list[tuple] = []
-    docs = iter_documents(DataConfig(dataset=cfg.dataset), cfg.split)
-    bar = tqdm(total=cfg.documents, unit="doc", disable=not progress, desc="forward")
-    for d, text in enumerate(docs):
-        if d >= cfg.documents:
-            break
-        enc = [_encode(lm.tokenizer, text) for lm in lms]
-        if not all(ends for _, ends in enc):
-            bar.update(1)
-            continue
-        body = cfg.context_size - 1
-        # the characters both tokenisations cover within one window
-        limit = min(ends[min(body, len(ends)) - 1] for _, ends in enc)
-        cut = [([i for i, e in zip(ids, ends, strict=True) if e <= limit],
-                torch.tensor([e for e in ends if e <= limit])) for ids, ends in enc]
-        ia, ib = align_token_ends(cut[0][1], cut[1][1])
-        if len(ia):
-            hid_a = _hidden(lms[0], cut[0][0], layers[0])
-            hid_b = hid_a if same else _hidden(lms[1], cut[1][0], layers[1])
-            for L in layers[0]:
-                acts[0][L].append(hid_a[L][ia])
-            for L in layers[1]:
-                acts[1][L].append(hid_b[L][ib])
-            for i in ia.tolist():
-                keys.append((d, int(cut[0][1][i])) if cfg.key == "char_span" else
-                            (d, i) if cfg.key == "position" else (cut[0][0][i],))
-        bar.update(1)
-    bar.close()
-    X = [{L: torch.cat(v) for L, v in a.items()} for a in acts]
+    t = time.perf_counter()
+    X, keys, n_docs = _collect(cfg, lms, layers, same, progress)
+    timings["forward"] = time.perf_counter() - t
     n_rows = len(keys)
     if n_rows < 2:
         raise ConfigError("fewer than 2 aligned positions: give more --documents")
+    n_atoms = _atoms_target(cfg, X, n_rows)
 
-    atom_keys, atoms = _build_itdas(cfg, X, keys, same, progress)
+    t = time.perf_counter()
+    itda = _build_itdas(cfg, X, keys, same, n_atoms, progress)
+    timings["itda"] = time.perf_counter() - t
     LA, LB = layers
-    # per-layer state, computed once (the pairs then cost N² or less each): centred kernels
+    t = time.perf_counter()
+    # per-layer state, computed once (a pair then costs N·D·E or less): centred activations
     # for CKA, SVCCA bases, relative vectors; one model compared with itself shares them
     state = [_layer_state(cfg, X[0], progress)]
     state.append(state[0] if same else _layer_state(cfg, X[1], progress))
+    del X
     mats: dict[str, list[list[float]]] = {m: [] for m in MEASURES}
     for La in tqdm(LA, desc="measures", disable=not progress):
         row: dict[str, list[float]] = {m: [] for m in MEASURES}
         for Lb in LB:
             a, b = state[0][La], state[1][Lb]
-            row["itda_jaccard"].append(jaccard(atom_keys[0][La], atom_keys[1][Lb]))
-            row["cka"].append(cka_from_grams(a["gram"], b["gram"]))
+            row["itda_jaccard"].append(jaccard(itda["keys"][0][La], itda["keys"][1][Lb]))
+            row["cka"].append(cka_from_centred(a["xc"], a["nx"], b["xc"], b["nx"]))
             row["svcca"].append(svcca_from_bases(a["basis"], b["basis"]))
             row["relative"].append(float((a["rel"] * b["rel"]).sum(1).mean()))
         for m in MEASURES:
             mats[m].append(row[m])
+    timings["measures"] = time.perf_counter() - t
     best, depth_err = {}, {}
     for m in MEASURES:
         idx, err = best_matches(torch.tensor(mats[m]))
@@ -211,8 +283,10 @@ def run(cfg: SimilarityConfig, _runs: list[Path], out: Path, progress: bool) -> 
     out.mkdir(parents=True, exist_ok=True)
     result = SimilarityOutput(
         models=[canonical_model_name(n) for n in names], layers=[LA, LB],
-        aligned_positions=n_rows, atoms=atoms, matrices=mats, best_match=best,
-        mean_depth_error=depth_err, seconds=time.perf_counter() - t0)
+        aligned_positions=n_rows, atoms=itda["atoms"], matrices=mats, best_match=best,
+        mean_depth_error=depth_err, seconds=time.perf_counter() - t0, itda_atoms=n_atoms,
+        atoms_built=itda["built"], itda_delta=itda["delta"], itda_builds=itda["builds"],
+        documents=n_docs, timings=timings)
     result.heatmaps = _heatmaps(result, out)
     (out / "similarity.json").write_text(json.dumps({**asdict(result), "config": asdict(cfg),
                                                      "summary": _summary_rows(result)},
@@ -220,32 +294,103 @@ def run(cfg: SimilarityConfig, _runs: list[Path], out: Path, progress: bool) -> 
     return result
 
 
+def _atoms_target(cfg: SimilarityConfig, X, n_rows: int) -> int:
+    """The size-matched dictionary size (0: off), checked against the bootstrap and the rows."""
+    n = cfg.atoms_target()
+    if n == 0:
+        return 0
+    d_max = max(next(iter(x.values())).shape[1] for x in X)
+    if n is None:
+        n = d_max + (n_rows - d_max) // 4
+    # the first d_model atoms of every layer are the bootstrap, the same rows for every layer
+    if n <= d_max:
+        raise ConfigError(f"--itda-atoms {n} must exceed the models' d_model ({d_max}): the "
+                          "first d_model atoms of every layer are the same bootstrap rows; "
+                          "give more atoms or more --documents")
+    if n >= n_rows:
+        raise ConfigError(f"--itda-atoms {n} must be below the {n_rows} aligned positions: "
+                          "give fewer atoms or more --documents")
+    return n
+
+
 def _layer_state(cfg, X_m: dict[int, torch.Tensor], progress: bool) -> dict[int, dict]:
-    return {L: {"gram": centred_gram(x), "basis": svcca_basis(x, cfg.svcca_components),
-                "rel": relative_vectors(x, cfg.anchors, cfg.seed).float()}
-            for L, x in tqdm(X_m.items(), desc="layer state", disable=not progress)}
+    out = {}
+    for L, x in tqdm(X_m.items(), desc="layer state", disable=not progress):
+        xc, nx = centred(x)
+        out[L] = {"xc": xc, "nx": nx, "basis": svcca_basis(x, cfg.svcca_components),
+                  "rel": relative_vectors(x, cfg.anchors, cfg.seed).float()}
+    return out
 
 
-def _build_itdas(cfg, X, keys, same: bool, progress: bool):
+def _fit(cfg: SimilarityConfig, x: torch.Tensor, dev, delta: float) -> ITDA:
+    sae = ITDA(SAEConfig(architecture="itda", d_in=x.shape[1], d_sae=1), device=dev,
+               options=ITDAOptions(itda_k=cfg.k, delta=delta, batch_rows=cfg.itda_batch_rows))
+    sae.fit_from_batches([LabelledRows(x, window=torch.arange(len(x)))], len(x))
+    return sae
+
+
+def fit_to_size(cfg: SimilarityConfig, x: torch.Tensor, n: int, start: float,
+                dev: torch.device | str = "cpu") -> tuple[ITDA, float, int]:
+    """An ITDA of ``x`` with between ``n`` and ``n·(1 + _SIZE_TOL)`` atoms, its δ and the builds
+    it took: δ bracketed by factors of 4 from ``start``, then bisected in log δ (the size
+    falls as δ grows, not always strictly). The caller crops it to ``n``."""
+    hi_n = n * (1 + _SIZE_TOL)
+    lo: tuple[float, ITDA] | None = None  # the largest δ seen with >= n atoms
+    hi: float | None = None  # the smallest δ seen with < n atoms
+    d, builds = max(start, _MIN_DELTA), 0
+    while lo is None or hi is None:
+        sae = _fit(cfg, x, dev, d)
+        builds += 1
+        if sae.d_sae >= n:
+            lo = (d, sae)
+            if sae.d_sae <= hi_n:
+                return sae, d, builds
+            d *= 4
+        else:
+            hi = d
+            if d <= _MIN_DELTA:
+                raise ConfigError(f"--itda-atoms {n}: even δ {d:g} builds only {sae.d_sae} "
+                                  "atoms on this layer; give fewer atoms or more --documents")
+            d = max(d / 4, _MIN_DELTA)
+    while lo[1].d_sae > hi_n and builds < _MAX_BUILDS:
+        mid = math.sqrt(lo[0] * hi)
+        sae = _fit(cfg, x, dev, mid)
+        builds += 1
+        if sae.d_sae >= n:
+            lo = (mid, sae)
+        else:
+            hi = mid
+    return lo[1], lo[0], builds
+
+
+def _build_itdas(cfg, X, keys, same: bool, n_atoms: int, progress: bool) -> dict[str, list]:
     """One ITDA per layer, all over the same aligned inputs in the same order (each layer's
     build reads only its own rows, so building them one after another gives the dictionaries
-    of a lockstep build); a model compared with itself builds its ITDAs once."""
+    of a lockstep build); a model compared with itself builds its ITDAs once. With
+    ``n_atoms`` every dictionary is size-matched (:func:`fit_to_size`) and cropped to it."""
     dev = resolve_device(cfg.device)
-    atom_keys: list[dict[int, set]] = [{}, {}]
-    atoms: list[list[int]] = [[], []]
-    row_ids = torch.arange(len(keys))
+    res: dict[str, list] = {k: [[], []] for k in ("atoms", "built", "delta", "builds")}
+    res["keys"] = [{}, {}]
     for m in range(2):
         if m == 1 and same:
-            atom_keys[1], atoms[1] = atom_keys[0], atoms[0]
+            for k in res:
+                res[k][1] = res[k][0]
             break
+        start = cfg.delta
         for L, x in tqdm(X[m].items(), desc=f"itda model {m + 1}", disable=not progress):
-            sae = ITDA(SAEConfig(architecture="itda", d_in=x.shape[1], d_sae=1), device=dev,
-                       options=ITDAOptions(itda_k=cfg.k, delta=cfg.delta,
-                                           batch_rows=cfg.itda_batch_rows))
-            sae.fit_from_batches([LabelledRows(x, window=row_ids)], len(x))
-            atom_keys[m][L] = {keys[int(r)] for r in sae.atom_window.tolist()}
-            atoms[m].append(sae.d_sae)
-    return atom_keys, atoms
+            if n_atoms:
+                # adjacent layers need similar δ: each search starts from the last one's
+                sae, start, builds = fit_to_size(cfg, x, n_atoms, start, dev)
+                delta = start
+            else:
+                sae, delta, builds = _fit(cfg, x, dev, cfg.delta), cfg.delta, 1
+            rows = sae.atom_window.tolist()[: n_atoms or None]
+            res["keys"][m][L] = {keys[int(r)] for r in rows}
+            res["atoms"][m].append(len(rows))
+            res["built"][m].append(sae.d_sae)
+            res["delta"][m].append(delta)
+            res["builds"][m].append(builds)
+    return res
 
 
 def _heatmaps(res: SimilarityOutput, out: Path) -> dict[str, str]:
@@ -286,6 +431,11 @@ def summary(res: SimilarityOutput) -> str:
     for row in _summary_rows(res):
         cells = [f"{row[m]['layer']:>6} ({row[m]['depth']:.2f})" for m in MEASURES]
         lines.append(f"{row['layer']:>8} " + " ".join(f"{c:>14}" for c in cells))
+    if res.itda_atoms:
+        lines.append(f"ITDA dictionaries size-matched to {res.itda_atoms} atoms per layer")
+    else:
+        lines.append("ITDA atoms per layer at one δ: " + "; ".join(
+            f"{min(a)}-{max(a)}" for a in res.atoms))
     lines.append(f"{'mean |depth error|':<18} " + " ".join(
         f"{res.mean_depth_error[m]:>14.3f}" for m in MEASURES))
     return "\n".join(lines)
