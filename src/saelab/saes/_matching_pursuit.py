@@ -32,6 +32,8 @@ BLOCK = 256
 _CPU_BLOCK_BYTES = 4 << 20
 #: bytes of the block on an accelerator (only bounds memory; there is no cache to fit)
 _ACCEL_BLOCK_BYTES = 1 << 30
+#: bytes of the correlation super-block whose x Dᵀ is one matmul (see matching_pursuit)
+_OUTER_BLOCK_BYTES = 256 << 20
 
 
 class MPResult(NamedTuple):
@@ -88,10 +90,23 @@ def matching_pursuit(
     idx_BK = torch.empty(B, k, dtype=torch.long, device=x_BD.device)
     coef_BK = torch.empty(B, k, dtype=x_BD.dtype, device=x_BD.device)
     recon_BD = torch.empty_like(x_BD)
-    for s in range(0, B, rows):
-        e = min(B, s + rows)
-        step = _mp_gram if gram_NN is not None else _mp_residual
-        step(x_BD[s:e], atoms_ND, k, nonneg, gram_NN, idx_BK[s:e], coef_BK[s:e], recon_BD[s:e])
+    if gram_NN is None:
+        for s in range(0, B, rows):
+            e = min(B, s + rows)
+            _mp_residual(x_BD[s:e], atoms_ND, k, nonneg, idx_BK[s:e], coef_BK[s:e],
+                         recon_BD[s:e])
+        return MPResult(idx_BK, coef_BK, recon_BD)
+    # the initial x Dᵀ runs over a super-block of many chunks: a matmul with few rows re-reads
+    # all of D from memory per call and runs well below peak; the step loop then walks
+    # cache-sized chunks of the result
+    outer = max(rows, _OUTER_BLOCK_BYTES // max(1, padded_width(N) * x_BD.element_size()))
+    for so in range(0, B, outer):
+        eo = min(B, so + outer)
+        c_all = _correlations(x_BD[so:eo], atoms_ND)
+        for s in range(so, eo, rows):
+            e = min(eo, s + rows)
+            _mp_gram(c_all[s - so:e - so], atoms_ND, k, nonneg, gram_NN, idx_BK[s:e],
+                     coef_BK[s:e], recon_BD[s:e])
     return MPResult(idx_BK, coef_BK, recon_BD)
 
 
@@ -135,14 +150,16 @@ def padded_gram(atoms_ND: Tensor, dtype: torch.dtype | None = None) -> Tensor:
 
 def _correlations(x_BD: Tensor, atoms_ND: Tensor) -> Tensor:
     N = atoms_ND.shape[0]
+    if padded_width(N) == N:  # no padding: write the product in place, no copy
+        return x_BD @ atoms_ND.T
     c_BM = x_BD.new_zeros(x_BD.shape[0], padded_width(N))
     c_BM[:, :N] = x_BD @ atoms_ND.T
     return c_BM
 
 
-def _mp_gram(x_BD, atoms_ND, k, nonneg, gram_NM, idx_BK, coef_BK, recon_BD) -> None:
+def _mp_gram(c_BM, atoms_ND, k, nonneg, gram_NM, idx_BK, coef_BK, recon_BD) -> None:
+    """``c_BM``: the chunk's initial correlations (padded), updated in place."""
     N = atoms_ND.shape[0]
-    c_BM = _correlations(x_BD, atoms_ND)
     rows_BM = torch.empty_like(c_BM)  # reused: no allocation per step
     # a Gram kept in another dtype (bf16: half the bytes per row read) is read into its own
     # buffer and cast, since mixed-dtype in-place arithmetic is slow on CPUs
@@ -164,7 +181,7 @@ def _mp_gram(x_BD, atoms_ND, k, nonneg, gram_NM, idx_BK, coef_BK, recon_BD) -> N
         recon_BD.addcmul_(atoms_ND.index_select(0, idx_BK[:, t]), coef_BK[:, t, None])
 
 
-def _mp_residual(x_BD, atoms_ND, k, nonneg, _gram, idx_BK, coef_BK, recon_BD) -> None:
+def _mp_residual(x_BD, atoms_ND, k, nonneg, idx_BK, coef_BK, recon_BD) -> None:
     r_BD = x_BD.clone()
     for t in range(k):
         i_B, a_B = _pick(_correlations(r_BD, atoms_ND), nonneg, atoms_ND.shape[0])
