@@ -7,6 +7,8 @@ with ``BENCH``, anything else a library prints is ignored by the controller)::
     worker → BENCH {"ready": true, ...}             after set-up and warm-up
     stdin  ← run N                                   time N steps
     worker → BENCH {"times": [seconds, ...]}
+    stdin  ← fvu PATH                                held-out FVU on the rows in PATH
+    worker → BENCH {"fvu": value}
     stdin  ← quit
 
 Every contender trains on the same rows (``--rows``: a safetensors file with ``rows`` [N, D]),
@@ -40,7 +42,7 @@ def _dead_idx(d_sae: int, fraction: float) -> torch.Tensor:
 
 # ---- saelab -----------------------------------------------------------------------------------
 def saelab_step(arch: str, rows: torch.Tensor, batch: int, dead_fraction: float,
-                autocast: str = "auto"):
+                autocast: str = "auto", lr: float | None = None):
     from saelab.config import SAEConfig, TrainConfig
     from saelab.saes.registry import build_sae, with_family
     from saelab.train.trainer import Trainer
@@ -50,7 +52,8 @@ def saelab_step(arch: str, rows: torch.Tensor, batch: int, dead_fraction: float,
                                           options={"k": K}), strict=False))
     sae.init_from_data(rows[:batch])
     tr = Trainer(sae, TrainConfig(tokens=batch * 10**6, batch_size=batch, log_every=10**9,
-                                  checkpoint_every=0, autocast=autocast), progress=False)
+                                  checkpoint_every=0, autocast=autocast, lr=lr),
+                 progress=False)
     dead = _dead_idx(D_SAE, dead_fraction)
 
     def prepare() -> None:
@@ -60,6 +63,7 @@ def saelab_step(arch: str, rows: torch.Tensor, batch: int, dead_fraction: float,
         tr._train_step(x)  # the trainer's real step: loss, backward, N1, clip, Adam, tracking
         tr.step += 1
 
+    step.recon = lambda x: sae(x).recon
     return step, prepare
 
 
@@ -94,7 +98,8 @@ def ceiling_step(rows: torch.Tensor, batch: int, dtype: torch.dtype = torch.floa
 
 
 # ---- EleutherAI sparsify ----------------------------------------------------------------------
-def sparsify_step(rows: torch.Tensor, batch: int, dead_fraction: float, bf16: bool = False):
+def sparsify_step(rows: torch.Tensor, batch: int, dead_fraction: float, bf16: bool = False,
+                  lr_warmup: int = 1000):
     """The body of ``sparsify.Trainer.fit`` for one batch (fvu loss, optimizer="adam"), calling
     sparsify's own SparseCoder forward (fused TopK encoder, AuxK, eager embedding_bag decoder),
     gradient projection, decoder renormalisation and dead-latent bookkeeping. AuxK is on
@@ -106,9 +111,9 @@ def sparsify_step(rows: torch.Tensor, batch: int, dead_fraction: float, bf16: bo
     torch.manual_seed(0)
     sae = SparseCoder(rows.shape[1], SparseCoderConfig(num_latents=D_SAE, k=K), device="cpu",
                       dtype=torch.float32)
-    lr = 2e-4 / (sae.num_latents / 2**14) ** 0.5
+    lr = 2e-4 / (sae.num_latents / 2**14) ** 0.5  # sparsify's default width law
     opt = torch.optim.Adam(sae.parameters(), lr=lr)
-    sched = get_linear_schedule_with_warmup(opt, 1000, 10**6)
+    sched = get_linear_schedule_with_warmup(opt, lr_warmup, 10**6)  # 1000: sparsify's default
     auxk_alpha, threshold = 1 / 32, 10_000_000
     since_fired = torch.zeros(D_SAE, dtype=torch.long)
     did_fire = torch.zeros(D_SAE, dtype=torch.bool)
@@ -117,7 +122,12 @@ def sparsify_step(rows: torch.Tensor, batch: int, dead_fraction: float, bf16: bo
     def prepare() -> None:
         since_fired[dead] = threshold + 1
 
+    first = [True]
+
     def step(x: torch.Tensor) -> None:
+        if first[0]:  # sparsify's trainer sets b_dec to the first batch's mean
+            sae.b_dec.data = x.mean(0).to(sae.dtype)
+            first[0] = False
         sae.set_decoder_norm_to_unit_norm()
         dead_mask = since_fired > threshold
         total_variance = (x - x.mean(0)).pow(2).sum()
@@ -137,6 +147,7 @@ def sparsify_step(rows: torch.Tensor, batch: int, dead_fraction: float, bf16: bo
             since_fired[did_fire] = 0
             did_fire.zero_()
 
+    step.recon = lambda x: sae(x=x).sae_out
     return step, prepare
 
 
@@ -186,8 +197,8 @@ def saelens_step(arch: str, rows: torch.Tensor, batch: int, dead_fraction: float
     return step, prepare
 
 
-def build(name: str, rows: torch.Tensor, batch: int,
-          dead_fraction: float) -> tuple[Callable, Callable | None]:
+def build(name: str, rows: torch.Tensor, batch: int, dead_fraction: float,
+          lr: float | None = None, lr_warmup: int = 1000) -> tuple[Callable, Callable | None]:
     """``lib/arch[@precision]``: ``@fp32`` / ``@bf16`` pin the SAE's precision (saelab: its
     ``--autocast off|bf16``; baselines: their own bf16 autocast); no suffix: the library's
     default (saelab: ``--autocast auto``; baselines: float32 on a CPU)."""
@@ -196,11 +207,11 @@ def build(name: str, rows: torch.Tensor, batch: int,
     bf16 = precision == "bf16"
     if lib == "saelab":
         mode = {"": "auto", "fp32": "off", "bf16": "bf16"}[precision]
-        return saelab_step(arch, rows, batch, dead_fraction, mode)
+        return saelab_step(arch, rows, batch, dead_fraction, mode, lr)
     if lib == "ceiling":
         return ceiling_step(rows, batch, torch.bfloat16 if bf16 else torch.float32)
     if lib == "sparsify":
-        return sparsify_step(rows, batch, dead_fraction, bf16)
+        return sparsify_step(rows, batch, dead_fraction, bf16, lr_warmup)
     if lib == "sae_lens":
         return saelens_step(arch, rows, batch, dead_fraction, bf16)
     raise SystemExit(f"unknown contender {name}")
@@ -214,6 +225,9 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--dead-fraction", type=float, default=0.0)
+    ap.add_argument("--lr", type=float, default=None, help="saelab: override the family's LR")
+    ap.add_argument("--sparsify-lr-warmup", type=int, default=1000,
+                    help="sparsify: LR warm-up steps (its default 1000)")
     args = ap.parse_args()
 
     torch.set_num_threads(args.threads)
@@ -224,7 +238,8 @@ def main() -> None:
     n_batches = rows.shape[0] // args.batch
     batches = [rows[i * args.batch:(i + 1) * args.batch] for i in range(n_batches)]
     t0 = time.perf_counter()
-    step, prepare = build(args.contender, rows, args.batch, args.dead_fraction)
+    step, prepare = build(args.contender, rows, args.batch, args.dead_fraction, args.lr,
+                          args.sparsify_lr_warmup)
     i = 0
     for _ in range(args.warmup):
         if prepare is not None:
@@ -237,6 +252,13 @@ def main() -> None:
         cmd = line.split()
         if not cmd or cmd[0] == "quit":
             break
+        if cmd[0] == "fvu":  # held-out FVU of the SAE as trained so far, rows from a file
+            held = load_file(cmd[1])["rows"]
+            with torch.no_grad():
+                err = (step.recon(held).float() - held).pow(2).sum()
+                fvu = float(err / (held - held.mean(0)).pow(2).sum())
+            _emit({"fvu": fvu})
+            continue
         times = []
         for _ in range(int(cmd[1])):
             if prepare is not None:

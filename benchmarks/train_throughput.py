@@ -71,9 +71,9 @@ DEFAULT = ("saelab/topk@fp32", "saelab/topk@bf16", "sparsify/topk", "sparsify/to
            "saelab/topk@fp32+auxk", "saelab/topk@bf16+auxk", "sparsify/topk+auxk",
            "sparsify/topk@bf16+auxk",
            "saelab/batchtopk@bf16",
-           "saelab/gated@fp32", "sae_lens/gated", "sae_lens/gated@bf16",
+           "saelab/gated@fp32", "saelab/gated@bf16", "sae_lens/gated", "sae_lens/gated@bf16",
            "saelab/relu@fp32", "saelab/relu@bf16", "ceiling/relu", "ceiling/relu@bf16")
-EXTRA = ("sae_lens/batchtopk", "sae_lens/relu", "sae_lens/topk+auxk", "saelab/gated@bf16")
+EXTRA = ("sae_lens/batchtopk", "sae_lens/relu", "sae_lens/topk+auxk")
 #: (numerator, denominator, minimum ratio, label)
 TARGETS = (
     ("saelab/topk@bf16", "sparsify/topk", 1.5, "TopK bf16-π vs sparsify fp32"),
@@ -83,6 +83,8 @@ TARGETS = (
     ("saelab/topk@bf16+auxk", "sparsify/topk@bf16+auxk", 1.5, "TopK+AuxK, both bf16"),
     ("saelab/topk@fp32+auxk", "sparsify/topk+auxk", 1.5, "TopK+AuxK, both fp32"),
     ("saelab/topk@bf16", "sae_lens/topk", 3.0, "TopK bf16-π vs SAELens fp32"),
+    ("saelab/gated@bf16", "sae_lens/gated", 2.5, "Gated bf16 vs SAELens fp32"),
+    ("saelab/gated@bf16", "sae_lens/gated@bf16", 2.5, "Gated vs SAELens, both bf16"),
     ("saelab/gated@fp32", "sae_lens/gated", 2.5, "Gated vs SAELens, both fp32"),
     ("saelab/gated@fp32", "sae_lens/gated@bf16", None, "Gated fp32 vs SAELens bf16"),
     ("saelab/relu@fp32", "ceiling/relu", 0.9, "ReLU vs dense ceiling, fp32"),

@@ -83,7 +83,7 @@ class SAE(nn.Module):
     #: True if training needs the LM-loss gradient at the hook beside each activation (g-SAE)
     uses_lm_grads: ClassVar[bool] = False
     #: ``--autocast auto`` trains this family under bf16 autocast where bf16 matmuls are fast
-    #: (measured: faster, FVU unchanged; docs/methods.md §0.7); others stay float32
+    #: (measured: faster, FVU unchanged; docs/methods.md §0.9); others stay float32
     autocast_auto: ClassVar[bool] = False
     defaults: ClassVar[dict[str, Any]] = {}
     #: defaults of every family unless its ``defaults`` says otherwise
