@@ -16,13 +16,14 @@ saelab's 50. One seed: differences below ~0.005 are noise.
 from __future__ import annotations
 
 import argparse
+import sys
 import tempfile
 from pathlib import Path
 
 import torch
-from train_throughput import BASELINE_VENV, TUNED_MALLOC, Worker, baselines_python, load_rows
+from safetensors.torch import save_file
+from train_throughput import BASELINE_VENV, baselines_python, load_rows, start
 
-HERE = Path(__file__).resolve().parent
 DEMO_STORE = Path.home() / ".cache/saelab/stores"
 
 
@@ -30,7 +31,7 @@ def _rows(store: str, n: int) -> tuple[torch.Tensor, str]:
     if not store:
         demo = sorted(DEMO_STORE.glob("embedded-blocks.12.hook_resid_post-160000-*"))
         store = str(demo[0]) if demo else ""
-    x, src = load_rows(store, n) if store else load_rows("", n)
+    x, src = load_rows(store, n)
     keep = x.norm(dim=1) < 4 * x.norm(dim=1).median()
     x = x[keep]
     x = x * (x.shape[1] ** 0.5 / x.norm(dim=1).mean())
@@ -38,18 +39,14 @@ def _rows(store: str, n: int) -> tuple[torch.Tensor, str]:
 
 
 def main() -> None:
-    import os
-    import subprocess
-    import sys
-
-    from safetensors.torch import save_file
-
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--store", default="")
     ap.add_argument("--steps", type=int, default=100)
     ap.add_argument("--lr", type=float, default=4e-4)
     ap.add_argument("--threads", type=int, default=2)
     args = ap.parse_args()
+    # the settings start() reads: no dead latents, no warm-up steps, tuned malloc for all
+    args.dead_fraction, args.warmup, args.malloc = 0.0, 0, "tuned"
     x, src = _rows(args.store, 160_000)
     held, train = x[:16_384].contiguous(), x[16_384:].contiguous()
     n = (len(train) // 4096) * 4096
@@ -64,30 +61,19 @@ def main() -> None:
         rows_path, held_path = Path(tmp) / "rows.safetensors", Path(tmp) / "held.safetensors"
         save_file({"rows": train[:n]}, str(rows_path))
         save_file({"rows": held}, str(held_path))
-        env = {**os.environ, "GLIBC_TUNABLES": TUNED_MALLOC}
         for name, lr in contenders:
-            py = sys.executable if name.startswith("saelab") else base_py
-            cmd = [py, str(HERE / "_train_worker.py"), "--contender", name, "--rows",
-                   str(rows_path), "--threads", str(args.threads), "--warmup", "0"]
             if name.startswith("sparsify"):
-                cmd += ["--sparsify-lr-warmup", str(lr)]
-            elif lr is not None:
-                cmd += ["--lr", str(lr)]
-            log = Path(tmp) / (name.replace("/", "_") + ".log")
-            with open(log, "w") as err:
-                proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                                        stderr=err, text=True, env=env, cwd=str(HERE.parent))
-            w = Worker(name, proc, log)
-            w.info = w.read()
+                py, extra, lr_s = base_py, ("--sparsify-lr-warmup", str(lr)), f"4e-4, warm-up {lr}"
+            else:
+                extra = ("--lr", str(lr)) if lr is not None else ()
+                py = sys.executable
+                lr_s = f"{lr:g}, warm-up 50" if lr is not None else "default, warm-up 50"
+            w = start(name, py, rows_path, args, extra)
             w.run(args.steps)
-            proc.stdin.write(f"fvu {held_path}\n")
-            proc.stdin.flush()
+            w.proc.stdin.write(f"fvu {held_path}\n")
+            w.proc.stdin.flush()
             fvu = w.read()["fvu"]
             w.close()
-            if name.startswith("sparsify"):
-                lr_s = f"4e-4, warm-up {lr}"
-            else:
-                lr_s = f"{lr:g}, warm-up 50" if lr is not None else "default, warm-up 50"
             print(f"{name:20s} lr {lr_s:22s} held-out FVU {fvu:.4f}  "
                   f"({sum(w.times):.0f} s)", flush=True)
 

@@ -194,8 +194,9 @@ class Worker:
             self.proc.wait(timeout=60)
 
 
-def start(name: str, python: str, rows_path: Path, args) -> Worker:
-    """Start a worker (its stderr, library chatter included, goes to a log beside the rows)."""
+def start(name: str, python: str, rows_path: Path, args, extra: tuple[str, ...] = ()) -> Worker:
+    """Start a worker (its stderr, library chatter included, goes to a log beside the rows);
+    ``extra``: more worker flags."""
     base, _, variant = name.partition("+")
     dead = args.dead_fraction if variant == "auxk" else 0.0
     env = dict(os.environ)
@@ -204,7 +205,7 @@ def start(name: str, python: str, rows_path: Path, args) -> Worker:
         env["GLIBC_TUNABLES"] = TUNED_MALLOC
     cmd = [python, str(WORKER), "--contender", base, "--rows", str(rows_path), "--batch",
            str(BATCH), "--threads", str(args.threads), "--warmup", str(args.warmup),
-           "--dead-fraction", str(dead)]
+           "--dead-fraction", str(dead), *extra]
     log = rows_path.with_name(name.replace("/", "_") + ".log")
     with open(log, "w") as err:
         proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=err,
@@ -275,9 +276,9 @@ def main() -> None:
         base_py = str(baselines_python(Path(args.baselines_venv)))
 
     rows, source = load_rows(args.store, 4 * BATCH)
-    from saelab.runtime import BF16_MIN_SPEEDUP, bf16_speedup
+    from saelab.runtime import bf16_is_fast
 
-    auto = "bf16" if bf16_speedup(torch.device("cpu")) >= BF16_MIN_SPEEDUP else "fp32"
+    auto = "bf16" if bf16_is_fast("cpu") else "fp32"
     header = (f"d_in {rows.shape[1]}, d_sae 4096, k 32, batch {BATCH}, fp32 parameters, "
               f"--autocast auto = {auto} here, {args.threads} "
               f"threads, malloc {args.malloc} for all, torch {torch.__version__}, rows: {source}; "

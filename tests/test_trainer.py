@@ -194,10 +194,10 @@ def test_autocast_auto_is_per_family_and_measured(monkeypatch):
     from saelab.train import trainer as trainer_mod
 
     cpu = torch.device("cpu")
-    monkeypatch.setattr(trainer_mod, "bf16_speedup", lambda device: 2.0)
+    monkeypatch.setattr(trainer_mod, "bf16_is_fast", lambda device: True)
     assert trainer_mod.resolve_autocast("auto", cpu, family_auto=True) is torch.bfloat16
     assert trainer_mod.resolve_autocast("auto", cpu, family_auto=False) is None
-    monkeypatch.setattr(trainer_mod, "bf16_speedup", lambda device: 1.0)
+    monkeypatch.setattr(trainer_mod, "bf16_is_fast", lambda device: False)
     assert trainer_mod.resolve_autocast("auto", cpu, family_auto=True) is None
     assert all(get_family(a).autocast_auto for a in ("topk", "batchtopk", "relu", "gated"))
     assert not get_family("vsae").autocast_auto and not get_family("jumprelu").autocast_auto
@@ -209,7 +209,7 @@ def test_autocast_auto_falls_back_for_kernels_that_refuse_it(tmp_path, monkeypat
     from saelab.errors import ConfigError
     from saelab.train import trainer as trainer_mod
 
-    monkeypatch.setattr(trainer_mod, "bf16_speedup", lambda device: 2.0)
+    monkeypatch.setattr(trainer_mod, "bf16_is_fast", lambda device: True)
     cls = get_family("topk")
     plain_loss = cls.loss
 

@@ -77,10 +77,16 @@ def resolve_model_dtype(name: str, device: torch.device | str) -> torch.dtype:
     faster than fp32 on this device, as measured once by :func:`bf16_speedup` (cached)."""
     if (name or "auto").strip().lower() != "auto":
         return parse_dtype(name)
+    return torch.bfloat16 if bf16_is_fast(device) else torch.float32
+
+
+def bf16_is_fast(device: torch.device | str) -> bool:
+    """bf16 is supported on ``device`` and its matmuls beat float32 by ``BF16_MIN_SPEEDUP``
+    (the cached :func:`bf16_speedup`): the verdict of every ``auto`` precision choice."""
     device = torch.device(device)
     if device.type == "cuda" and not torch.cuda.is_bf16_supported():
-        return torch.float32
-    return torch.bfloat16 if bf16_speedup(device) >= BF16_MIN_SPEEDUP else torch.float32
+        return False
+    return bf16_speedup(device) >= BF16_MIN_SPEEDUP
 
 
 BF16_MIN_SPEEDUP = 1.3  # bf16 must beat fp32 by this factor: its rounding is not free

@@ -162,8 +162,6 @@ class ITDA(SAE):
     architecture: ClassVar[str] = "itda"
     Options: ClassVar[type] = ITDAOptions
     sweep_param: ClassVar[str] = "options.delta"
-    #: measured on SmolLM2 layer 12: δ 0.001 -> 581 atoms (16k tokens), δ 0.0004 -> 1,712 atoms
-    #: (65k tokens); the smaller levels, meant to reach larger dictionaries, are not measured
     #: ~1k-14k atoms from 131k SmolLM2 tokens (docs/methods.md §9.3); size grows steeply below 4e-4
     sweep_levels: ClassVar[tuple[float, ...]] = (0.0005, 0.0004, 0.0003, 0.0002)
     # MP is scale-equivariant and δ compares unit vectors: no input scaling, no bias

@@ -133,11 +133,6 @@ def scatter_rows(idx: Tensor, offsets: Tensor | None, weights: Tensor, rows_BD: 
     ``torch.sparse.mm`` of the transposed ``[B, F]`` CSR matrix, and ~400 ms for ``index_add_``
     of an ``[N, D]`` product temporary (sparsify's encoder backward).
     """
-    return _scatter_rows(idx, offsets, weights, rows_BD, n_out, transpose)
-
-
-def _scatter_rows(idx: Tensor, offsets: Tensor | None, weights: Tensor, rows_BD: Tensor,
-                  n_out: int, transpose: bool) -> Tensor:
     B, D = rows_BD.shape
     flat = idx.reshape(-1)
     perm = flat.argsort()

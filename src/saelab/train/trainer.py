@@ -28,7 +28,7 @@ from tqdm.auto import tqdm
 from saelab import dist
 from saelab.config import TrainConfig
 from saelab.errors import CheckpointError, ConfigError, SaelabError
-from saelab.runtime import BF16_MIN_SPEEDUP, bf16_speedup
+from saelab.runtime import bf16_is_fast
 from saelab.saes.base import SAE
 from saelab.train.checkpoint import (
     load_checkpoint,
@@ -370,9 +370,8 @@ def resolve_autocast(mode: str, device: torch.device,
     """The autocast dtype of the SAE forward/backward, or None for plain float32.
 
     ``auto`` picks bf16 for families that opt in (``SAE.autocast_auto``: measured faster with
-    an unchanged FVU) on devices where bf16 matmuls beat float32 by ``BF16_MIN_SPEEDUP``, as
-    the cached one-off micro-benchmark :func:`saelab.runtime.bf16_speedup` measures (CUDA: where
-    bf16 is supported); off elsewhere. A family whose kernels are not autocast-aware then
+    an unchanged FVU) where :func:`saelab.runtime.bf16_is_fast` says bf16 wins on the device
+    (the cached one-off micro-benchmark ``--model-dtype auto`` uses); off elsewhere. A family whose kernels are not autocast-aware then
     trains in float32 (see :meth:`Trainer._probe_autocast`)."""
     mode = (mode or "off").strip().lower()
     if mode not in AUTOCAST_MODES:
@@ -381,13 +380,7 @@ def resolve_autocast(mode: str, device: torch.device,
         return None
     if mode == "bf16":
         return torch.bfloat16
-    if not family_auto:
-        return None
-    if device.type == "cuda":
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else None
-    if device.type == "cpu" and bf16_speedup(device) >= BF16_MIN_SPEEDUP:
-        return torch.bfloat16
-    return None
+    return torch.bfloat16 if family_auto and bf16_is_fast(device) else None
 
 
 def _adam_impl(device: torch.device) -> dict[str, bool]:
