@@ -19,7 +19,18 @@ from saelab.saes.registry import build_sae
 
 D, T = 16, 17
 B, STEPS = 128, 12
-ARCHS = ("topk", "gated", "batchtopk", "matryoshka", "mutual_choice")
+#: case name -> (architecture, options)
+CASES = {
+    "topk": ("topk", {"k": 4}),
+    "gated": ("gated", None),
+    "batchtopk": ("batchtopk", {"k": 4}),
+    "matryoshka": ("matryoshka", {"k": 4}),
+    "mutual_choice": ("mutual_choice", {"k": 4}),
+    "feature_choice": ("feature_choice", {"k": 4}),
+    "feature_choice_zipf": ("feature_choice", {"k": 4, "capacity": "zipf"}),
+    # 384 of the 1,536 tokens per window: 4 bias updates in the 12 steps
+    "gba": ("gba", {"buffer_tokens": 384}),
+}
 
 
 def _write_store(path: Path) -> ActivationStore:
@@ -37,8 +48,8 @@ def _write_store(path: Path) -> ActivationStore:
     return w.finish()
 
 
-def _cfg(arch: str, store: Path, out: Path, steps: int = STEPS, batch: int = B) -> RunConfig:
-    options = None if arch == "gated" else {"k": 4}
+def _cfg(case: str, store: Path, out: Path, steps: int = STEPS, batch: int = B) -> RunConfig:
+    arch, options = CASES[case]
     cfg = RunConfig(sae=SAEConfig(architecture=arch, d_sae=64, options=options),
                     train=TrainConfig(tokens=batch * steps, batch_size=batch, log_every=3,
                                       checkpoint_every=0, shuffle_buffer_rows=1000,
@@ -121,17 +132,24 @@ def test_helpers_are_single_process_noops():
     assert torch.allclose(dist.global_centered_sq_sum(x), (xc * xc).sum())
     v = torch.randn(100)
     assert dist.global_kth_largest(v, 10) == v.sort(descending=True).values[9]
+    a_KC = torch.randn(9, 5)
+    k_C = torch.tensor([1, 3, 9, 12, 2])
+    want = [sorted(a_KC[:, c].tolist(), reverse=True)[min(int(k), 9) - 1]
+            for c, k in enumerate(k_C)]
+    assert dist.global_column_kth_largest(a_KC, k_C).tolist() == want
 
 
 @pytest.mark.slow
 def test_two_ranks_match_one_process(store_path, tmp_path):
     """topk (global FVU denominator, AuxK), gated (batch means), batchtopk (selection over the
-    global batch, global threshold estimate), matryoshka (prefix FVUs) and mutual_choice
-    (global firing frequencies) after 12 steps, fresh from the same seed."""
-    single = {a: _fit(_cfg(a, store_path, tmp_path / f"one-{a}")) for a in ARCHS}
-    jobs = [(a, _cfg(a, store_path, tmp_path / f"two-{a}"), None) for a in ARCHS]
+    global batch, global threshold estimate), matryoshka (prefix FVUs), mutual_choice
+    (global firing frequencies), feature_choice with uniform and zipf capacities (global
+    capacities, per-column selection and thresholds) and gba (global window statistics) after
+    12 steps, fresh from the same seed."""
+    single = {a: _fit(_cfg(a, store_path, tmp_path / f"one-{a}")) for a in CASES}
+    jobs = [(a, _cfg(a, store_path, tmp_path / f"two-{a}"), None) for a in CASES]
     two = _run_ranks(2, jobs, tmp_path)
-    for a in ARCHS:
+    for a in CASES:
         _assert_same(single[a], two[a])
         # training moved the weights away from their seeded init (no vacuous match)
         cfg = _cfg(a, store_path, tmp_path)
@@ -145,8 +163,79 @@ def test_two_ranks_match_one_process(store_path, tmp_path):
         for r2, r1 in zip(recs, one, strict=True):
             for key in ("loss", "fvu", "l0", "dead_fraction"):
                 assert r2[key] == pytest.approx(r1[key], rel=1e-4, abs=1e-6), (a, key)
-    thr = single["batchtopk"]["threshold"]
-    assert thr.abs().sum() > 0  # the threshold estimate ran (and matched, above)
+    for a in ("batchtopk", "feature_choice", "feature_choice_zipf"):
+        assert single[a]["threshold"].abs().sum() > 0  # the estimate ran (and matched, above)
+    # a threshold per latent (the m_j-th largest of its column), not one scalar
+    assert single["feature_choice"]["threshold"].unique().numel() > 1
+    # the adapted biases moved from their init of 0 (and matched, above)
+    assert (single["gba"]["b_enc"] != 0).sum() > 0
+
+
+#: feature_choice selection cases: (capacity, k) at global batch FC_B; zipf with k·B < M has
+#: zero-capacity latents, uniform k = 40 has m_j = 20 > the 16 rows a rank holds
+FC_B, FC_CASES = 32, (("zipf", 1), ("uniform", 40))
+
+
+def _fc_sae(capacity: str, k: int):
+    from saelab.saes.feature_choice import ChoiceOptions
+
+    cfg = SAEConfig(architecture="feature_choice", d_in=D, d_sae=64,
+                    options=ChoiceOptions(k=k, capacity=capacity, threshold_start_fraction=0))
+    sae = build_sae(cfg, generator=torch.Generator().manual_seed(0)).train()
+    with torch.no_grad():  # distinct frequencies in a random order: ranks are not index order
+        sae.firing_freq.copy_(torch.rand(64, generator=torch.Generator().manual_seed(1)))
+        sae.freq_updates.fill_(1)
+    # ties-free affinities, about a third positive: some columns have fewer than m_j
+    pre_BF = torch.randn(FC_B, 64, generator=torch.Generator().manual_seed(2)) - 0.5
+    return sae, pre_BF
+
+
+def _fc_worker(rank: int, world: int, port: int, result_dir: str) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    torch.distributed.init_process_group("gloo", rank=rank, world_size=world)
+    try:
+        out = {}
+        for capacity, k in FC_CASES:
+            sae, pre_BF = _fc_sae(capacity, k)
+            n = FC_B // world
+            code = sae.select_train(pre_BF[rank * n:(rank + 1) * n], step=0)
+            out[capacity] = (code.dense(n, 64), sae.threshold.clone(), sae.firing_freq.clone())
+        torch.save(out, Path(result_dir) / f"fc-rank{rank}.pt")
+    finally:
+        torch.distributed.destroy_process_group()
+
+
+@pytest.mark.slow
+def test_two_rank_feature_choice_selection_matches_naive(tmp_path):
+    """One FC selection on 2 ranks x 16 rows against a naive per-column loop over the global
+    32 rows: the kept entries, the first threshold estimate (the m_j-th largest of the global
+    column, its max where m_j = 0) and the firing frequencies."""
+    mp.spawn(_fc_worker, args=(2, _free_port(), str(tmp_path)), nprocs=2, join=True)
+    ranks = [torch.load(tmp_path / f"fc-rank{r}.pt") for r in range(2)]
+    for capacity, k in FC_CASES:
+        sae, pre_BF = _fc_sae(capacity, k)
+        cap_F = sae.capacities(FC_B).tolist()
+        acts_BF = torch.relu(pre_BF).double()
+        want_BF = torch.zeros_like(acts_BF)
+        thr_F = torch.zeros(64, dtype=torch.float64)
+        for j in range(64):
+            col = sorted(((float(acts_BF[i, j]), i) for i in range(FC_B)), reverse=True)
+            for v, i in col[:cap_F[j]]:
+                want_BF[i, j] = v
+            thr_F[j] = col[cap_F[j] - 1][0] if cap_F[j] > 0 else col[0][0]
+        assert sum(cap_F) == min(k * FC_B, 64 * FC_B)
+        assert (torch.tensor(cap_F) == 0).any() == (capacity == "zipf")
+        assert max(cap_F) > FC_B // 2 or capacity == "zipf"
+        got_BF = torch.cat([r[capacity][0] for r in ranks]).double()
+        assert torch.equal(got_BF, want_BF), capacity
+        for r in ranks:
+            assert torch.allclose(r[capacity][1].double(), thr_F, atol=1e-6, rtol=0), capacity
+            # one EMA step of the firing rate over the global batch
+            beta = sae.cfg.options.zipf_freq_beta
+            freq_F = (beta * sae.firing_freq.double()
+                      + (1 - beta) * (want_BF != 0).double().sum(0) / FC_B)
+            assert torch.allclose(r[capacity][2].double(), freq_F, atol=1e-6), capacity
 
 
 @pytest.mark.slow
@@ -183,3 +272,39 @@ def test_cli_nproc_needs_a_store(tmp_path, capsys):
 
     assert main(["train", "--nproc", "2", "--out", str(tmp_path / "r")]) == 2
     assert "--store" in capsys.readouterr().err
+
+
+class _FakeTorchrun:
+    def __init__(self, chunks: list[bytes], rc: int):
+        self._chunks, self._rc = list(chunks), rc
+        self.stderr = self
+
+    def read1(self, _n: int) -> bytes:
+        return self._chunks.pop(0) if self._chunks else b""
+
+    def wait(self) -> int:
+        return self._rc
+
+
+_AGENT = b"torch/distributed/elastic/multiprocessing/api.py:1002]"
+
+
+def test_torchrun_report_dropped_only_after_a_user_error():
+    """``--nproc`` relays the workers' stderr; torchrun's failure report goes when every failed
+    worker exited 2 (it printed its one error line), and stays for a crash."""
+    import io
+
+    from saelab.train.distributed import _relay_stderr
+
+    bar = b"harvest: 50%|#####     | 1/2\r"
+    user = [bar, b"error: bad --out\nW1202 01:05:39.3 9 " + _AGENT[:-6] + b"1028] Sending process "
+            b"5 closing signal SIGTERM\nE1202 01:05:39.4 9 ",
+            _AGENT + b" failed (exitcode: 2) local_rank: 0\nTraceback...\nChildFailedError\n"]
+    out = io.BytesIO()
+    assert _relay_stderr(_FakeTorchrun(user, 1), out) == 2
+    assert out.getvalue() == bar + b"error: bad --out\n"
+    crash = [b"Segmentation fault\nE1202 01:05:39.4 9 " + _AGENT
+             + b" failed (exitcode: -11) local_rank: 1\nTraceback...\n"]
+    out = io.BytesIO()
+    assert _relay_stderr(_FakeTorchrun(crash, 1), out) == 1
+    assert out.getvalue() == b"".join(crash)

@@ -20,7 +20,7 @@ from saelab.analysis.registry import analyses
 from saelab.cliargs import add_dataclass_args, build, given
 from saelab.config import EvalConfig, HarvestConfig, RunConfig, SweepConfig, SynthConfig
 from saelab.data.interop import export_saelens
-from saelab.errors import ConfigError, SaelabError
+from saelab.errors import ConfigError, PeerError, SaelabError
 from saelab.evals.registry import evals, parse_evals
 from saelab.harvest import harvest_hooks
 from saelab.io import read_metadata
@@ -32,7 +32,7 @@ from saelab.saes.registry import architectures, family_file, validate_sae_config
 from saelab.steer import SteerConfig, steer_run, steer_table
 from saelab.sweep import run_sweep
 from saelab.synth import run_synth, synth_table
-from saelab.train.distributed import launched_by_torchrun, relaunch, shutdown
+from saelab.train.distributed import init_from_env, launched_by_torchrun, relaunch, shutdown
 
 EXIT_USER_ERROR = 2
 _ARGV: list[str] = []  # the command line of the running `main` call
@@ -220,6 +220,8 @@ def main(argv: list[str] | None = None) -> int:
     _ARGV = list(sys.argv[1:] if argv is None else argv)  # for `train --nproc` relaunch
     try:
         return _dispatch(args)
+    except PeerError:  # rank 0 of this torchrun job reports it
+        return EXIT_USER_ERROR
     except SaelabError as e:
         print(f"error: {_one_line(str(e))}", file=sys.stderr)
         return EXIT_USER_ERROR
@@ -279,9 +281,18 @@ def _dispatch(args: argparse.Namespace) -> int:
     if args.verb == "harvest":
         cfg = build(HarvestConfig, args)
         cfg.validate()
-        for store in harvest_hooks(cfg, progress=progress).values():
-            print(f"store: {store.path}  rows {store.num_rows:,}  d_in {store.d_in}  "
-                  f"hook {store.hook}  model {store.model}")
+        if cfg.nproc > 1 and not launched_by_torchrun():
+            return relaunch(_ARGV, cfg.nproc)
+        init_from_env(cfg.model.device)
+        try:
+            stores = harvest_hooks(cfg, progress=progress)
+        finally:
+            main_rank = dist.is_main()
+            shutdown()
+        if main_rank:
+            for store in stores.values():
+                print(f"store: {store.path}  rows {store.num_rows:,}  d_in {store.d_in}  "
+                      f"hook {store.hook}  model {store.model}")
         return 0
     if args.verb == "export-store":
         out = export_saelens(args.store, args.export_out, progress=progress)

@@ -132,11 +132,17 @@ class HarvestConfig:
         "activation of the window's summed next-token cross-entropy over its scored positions "
         "(needed by gsae), in --store-dtype (float16 may flush tiny gradients to zero). Costs a "
         "full LM forward + backward per batch.")
+    nproc: int = opt(
+        1, "Processes: >1 relaunches `saelab harvest` under torchrun on this machine (one GPU "
+        "each on CUDA); blocks of LM batches go to the processes in turn, each writes its own "
+        "shards and rank 0 the one manifest. The rows are those of a one-process harvest.")
 
     def validate(self) -> None:
         check_types(self)
         self.model.validate()
         self.data.validate()
+        if self.nproc < 1:
+            raise ConfigError(f"--nproc must be at least 1, got {self.nproc}")
         if not self.store:
             raise ConfigError("--out is required: the folder to write the activation store to")
         if self.tokens < 1:

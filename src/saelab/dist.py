@@ -8,7 +8,7 @@ Convention (``saelab.train.distributed``): every rank holds ``B / W`` rows of th
 of ``B`` and the trainer *averages* gradients over the ``W`` ranks. A loss that is a mean over
 rows therefore needs nothing; a loss normalised by a batch statistic must use the global
 statistic (:func:`global_centered_sq_sum`), and a batch-level selection must select over the
-global batch (:func:`global_kth_largest`).
+global batch (:func:`global_kth_largest`, per column :func:`global_column_kth_largest`).
 """
 
 from __future__ import annotations
@@ -104,6 +104,23 @@ def global_kth_largest(v_N: Tensor, k: int) -> Tensor:
         top = torch.cat(parts)
     k = min(k, top.numel())
     return top.topk(k, sorted=False).values.min()
+
+
+def global_column_kth_largest(top_KC: Tensor, k_C: Tensor) -> Tensor:
+    """Per column ``c``, the ``k_C[c]``-th largest entry of the union over ranks of that column.
+
+    ``top_KC`` is each rank's local top ``K`` rows of every column (any order; ``K`` equal on
+    every rank, as the collectives need): with ``K >= min(k_C.max(), local rows)`` the gathered
+    candidates hold each column's global top ``k_C[c]``. ``k_C`` >= 1; one larger than the
+    gathered rows gives the column's global minimum. Not distributed: the local answer."""
+    top = top_KC.detach()
+    if is_distributed():
+        parts = [torch.empty_like(top) for _ in range(world_size())]
+        torch.distributed.all_gather(parts, top.contiguous())
+        top = torch.cat(parts)
+    top = top.sort(dim=0, descending=True).values
+    i_C = (k_C.to(torch.long) - 1).clamp(0, top.shape[0] - 1)
+    return top.gather(0, i_C[None]).squeeze(0)
 
 
 def broadcast_(tensors, src: int = 0) -> None:

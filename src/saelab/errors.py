@@ -50,3 +50,8 @@ class CheckpointError(RunFolderError):
 
 class SAEFormatError(SaelabError):
     """A saved SAE folder is missing files or has the wrong names/shapes."""
+
+
+class PeerError(SaelabError):
+    """Rank 0 of a multi-process job failed with this message; rank 0 reports it and the other
+    ranks stop quietly."""

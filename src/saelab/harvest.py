@@ -29,7 +29,7 @@ import shutil
 import time
 import warnings
 from collections.abc import Callable, Iterable, Iterator
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import torch
@@ -37,15 +37,24 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
+from saelab import dist
 from saelab.config import EMBEDDED, HarvestConfig, RunConfig
 from saelab.data.corpus import iter_documents
-from saelab.data.store import DTYPES, MANIFEST, ActivationStore, StoreSpec, StoreWriter
+from saelab.data.store import (
+    DTYPES,
+    MANIFEST,
+    ActivationStore,
+    StoreSpec,
+    StoreWriter,
+    write_shard,
+)
 from saelab.data.windows import batch_windows, drop_norm_outliers, iter_windows, keep_mask
 from saelab.errors import (
     ConfigError,
     DatasetNotAvailableError,
     HookError,
     NotWritableError,
+    PeerError,
     SaelabError,
     StoreError,
 )
@@ -291,13 +300,15 @@ class _Slot:
 
     index: int
     path: Path
-    writer: StoreWriter
+    writer: StoreWriter | None  # None on ranks > 0 of a data-parallel harvest
     created: bool  # this call made the folder (removed again if it ends up empty)
     rows: int = 0
     done: int = 0  # windows already in the store
     reached: bool = False
     start_rows: int = 0
     prev_seconds: float = 0.0
+    n_shards: int = 0
+    spec: StoreSpec | None = None
 
 
 def harvest_hooks(
@@ -308,51 +319,111 @@ def harvest_hooks(
     Returns ``{hook name: store}`` in the order given.
     """
     cfg.validate()
+    if dist.is_distributed():
+        return _harvest_ranks(cfg, progress, lm)
     paths = store_paths(cfg)
     names = list(paths)
-    multi = len(names) > 1
-    outlier_hooks = ",".join(names) if multi and cfg.data.exclude_norm_outliers > 0 else ""
-    hint = "wait for it or choose another --out"
+    outlier_hooks = _outlier_hooks(cfg, names)
     with contextlib.ExitStack() as locks:
-        for name in sorted(names):  # a fixed order: two multi-hook harvests cannot deadlock
-            locks.enter_context(hold_lock(paths[name], "harvest", wait=True, hint=hint))
-        ready: dict[str, ActivationStore] = {}
-        existing: dict[str, ActivationStore | None] = {}
-        for arg, name in zip(cfg.hook_names(), names, strict=True):
-            store = existing[name] = _existing(paths[name])
-            if store is not None:
-                _check_same_settings(store, cfg, arg, outlier_hooks)
-                if _reusable(store, cfg.tokens):
-                    ready[name] = store
+        ready, existing = _lock_and_check(cfg, paths, outlier_hooks, locks)
         if len(ready) == len(names):
             return {n: ready[n] for n in names}
-        try:
+        with _not_writable(cfg):
             made = _run(cfg, paths, existing, set(ready), outlier_hooks, progress, lm)
-        except OSError as e:
-            where = e.filename or cfg.store
-            raise NotWritableError(
-                f"cannot write {where} ({e.strerror or e}); shards already written are kept "
-                f"and a rerun continues from them: free disk space or choose a writable --out"
-            ) from None
     return {n: ready.get(n) or made[n] for n in names}
+
+
+def _outlier_hooks(cfg: HarvestConfig, names: list[str]) -> str:
+    return ",".join(names) if len(names) > 1 and cfg.data.exclude_norm_outliers > 0 else ""
+
+
+def _lock_and_check(cfg: HarvestConfig, paths: dict[str, Path], outlier_hooks: str,
+                    locks: contextlib.ExitStack) -> tuple[dict, dict]:
+    """Lock every store (held until ``locks`` closes) and sort them into reusable ones and
+    existing ones (``None``: none yet); refuses a store made with other settings."""
+    hint = "wait for it or choose another --out"
+    for name in sorted(paths):  # a fixed order: two multi-hook harvests cannot deadlock
+        locks.enter_context(hold_lock(paths[name], "harvest", wait=True, hint=hint))
+    ready: dict[str, ActivationStore] = {}
+    existing: dict[str, ActivationStore | None] = {}
+    for arg, name in zip(cfg.hook_names(), paths, strict=True):
+        store = existing[name] = _existing(paths[name])
+        if store is not None:
+            _check_same_settings(store, cfg, arg, outlier_hooks)
+            if _reusable(store, cfg.tokens):
+                ready[name] = store
+    return ready, existing
+
+
+@contextlib.contextmanager
+def _not_writable(cfg: HarvestConfig) -> Iterator[None]:
+    try:
+        yield
+    except OSError as e:
+        where = e.filename or cfg.store
+        raise NotWritableError(
+            f"cannot write {where} ({e.strerror or e}); shards already written are kept "
+            f"and a rerun continues from them: free disk space or choose a writable --out"
+        ) from None
 
 
 def _run(cfg: HarvestConfig, paths: dict[str, Path], existing: dict, ready: set[str],
          outlier_hooks: str, progress: bool, lm: LoadedModel | None
          ) -> dict[str, ActivationStore]:
-    names = list(paths)
     lm = lm or load_model(cfg.model)
+    slots, needed, with_grads, windows, first = _open(cfg, paths, existing, ready,
+                                                      outlier_hooks, lm)
+    try:
+        _fill(cfg, lm, list(slots.values()), needed, windows, first, with_grads, progress)
+    except BaseException:
+        _drop_empty(slots)
+        raise
+    return {n: s.writer.finish(exhausted=not s.reached) for n, s in slots.items()}
+
+
+def _drop_empty(slots: dict[str, _Slot]) -> None:
+    for s in slots.values():  # an interrupted first harvest leaves no empty store behind
+        if s.created and s.writer is not None and not s.writer.shards:
+            shutil.rmtree(s.path, ignore_errors=True)
+
+
+def _needed(cfg: HarvestConfig, lm: LoadedModel, ready: set[str], outlier_hooks: str
+            ) -> list[HookPoint]:
+    """The hooks the forward must record, shallowest first: with outliers filtered jointly
+    every hook's activation is needed, else only those of stores still to write."""
     hooks = [parse_hook(h, lm.n_layers) for h in cfg.hook_names()]
-    depth = {h.name: (h.layer, _DEPTH[h.kind]) for h in hooks}
-    # with outliers filtered jointly every hook's activation is needed, else only pending ones
     needed = [h for h in hooks if outlier_hooks or h.name not in ready]
-    needed.sort(key=lambda h: depth[h.name])
+    return sorted(needed, key=lambda h: (h.layer, _DEPTH[h.kind]))
+
+
+def _corpus_windows(cfg: HarvestConfig, lm: LoadedModel, first: int) -> Iterator[Tensor]:
+    """Token windows from window ``first`` on; refuses a corpus without a single window."""
+    T = cfg.data.context_size
+    counted = _Counted(iter_documents(cfg.data, cfg.split))
+    windows = itertools.islice(iter_windows(counted, lm.tokenizer, T, cfg.data.prepend_bos),
+                               first, None)
+    head = next(windows, None)
+    if head is None and first == 0:
+        raise DatasetNotAvailableError(
+            f"dataset {cfg.data.dataset!r} has no complete window of {T} tokens in its "
+            f"{cfg.split} split ({counted.n} document(s)): give a bigger corpus or a smaller "
+            f"--context-size"
+        )
+    return itertools.chain([head] if head is not None else [], windows)
+
+
+def _open(cfg: HarvestConfig, paths: dict[str, Path], existing: dict, ready: set[str],
+          outlier_hooks: str, lm: LoadedModel):
+    """Open a writer for every store still to write; returns (slots, needed hooks, with_grads,
+    the windows to run, index of the first of them)."""
+    names = list(paths)
+    needed = _needed(cfg, lm, ready, outlier_hooks)
     with_grads = cfg.with_grads or any(s is not None and s.has_grads for s in existing.values())
     if with_grads and len(needed) > 1:
         raise ConfigError("stores with LM-loss gradients are harvested one hook at a time: "
                           "give a single --hook")
     data = _data_settings(cfg)
-    B, T = cfg.lm_batch_size, cfg.data.context_size
+    B = cfg.lm_batch_size
 
     def spec_for(name: str) -> StoreSpec:
         return StoreSpec(
@@ -371,30 +442,18 @@ def _run(cfg: HarvestConfig, paths: dict[str, Path], existing: dict, ready: set[
     # Batches are aligned to multiples of lm_batch_size from window 0, so a resumed run feeds
     # the LM exactly the batches an uninterrupted one would: bit-identical activations.
     first = 0 if fresh else min(s.done for s in slots.values()) // B * B
-    counted = _Counted(iter_documents(cfg.data, cfg.split))
-    windows = itertools.islice(iter_windows(counted, lm.tokenizer, T, cfg.data.prepend_bos),
-                               first, None)
     # read the corpus before creating any folder: a failed dataset load or a corpus too small
     # for one window leaves nothing behind
-    head = next(windows, None)
-    if head is None and first == 0:
-        raise DatasetNotAvailableError(
-            f"dataset {cfg.data.dataset!r} has no complete window of {T} tokens in its "
-            f"{cfg.split} split ({counted.n} document(s)): give a bigger corpus or a smaller "
-            f"--context-size"
-        )
-    windows = itertools.chain([head] if head is not None else [], windows)
+    windows = _corpus_windows(cfg, lm, first)
     try:
         for n in fresh:
             slots[n] = _open_slot(cfg, paths[n], spec_for(n), needed, n,
                                   created=not paths[n].exists())
-        _fill(cfg, lm, list(slots.values()), needed, windows, first, with_grads, progress)
     except BaseException:
-        for s in slots.values():  # an interrupted first harvest leaves no empty store behind
-            if s.created and not s.writer.shards:
-                shutil.rmtree(s.path, ignore_errors=True)
+        _drop_empty(slots)
         raise
-    return {n: s.writer.finish(exhausted=not s.reached) for n, s in slots.items()}
+    slots = {n: slots[n] for n in pending}  # in the order given
+    return slots, needed, with_grads, windows, first
 
 
 class _Counted:
@@ -417,6 +476,8 @@ def _open_slot(cfg: HarvestConfig, path: Path, spec: StoreSpec, needed: list[Hoo
     slot.reached = slot.rows >= cfg.tokens  # only after a crash between last shard and finish
     slot.start_rows = slot.rows
     slot.prev_seconds = writer.manifest.get("harvest_stats", {}).get("seconds", 0.0)
+    slot.n_shards = len(writer.shards)
+    slot.spec = spec
     if slot.done:
         log.info("resuming %s after %d windows (%d rows)", path, slot.done, slot.rows)
     return slot
@@ -426,7 +487,6 @@ def _fill(cfg: HarvestConfig, lm: LoadedModel, slots: list[_Slot], needed: list[
           windows: Iterable[Tensor], first: int, with_grads: bool, progress: bool) -> None:
     """Run the LM over ``windows`` (window ``first`` onwards) and feed every slot its rows."""
     B = cfg.lm_batch_size
-    outliers = cfg.data.exclude_norm_outliers
     store_dtype = DTYPES[cfg.store_dtype]
     label = needed[0].name if len(needed) == 1 else f"{len(slots)} hooks"
     bar = tqdm(total=cfg.tokens * len(slots), initial=sum(s.rows for s in slots), unit="tok",
@@ -441,23 +501,7 @@ def _fill(cfg: HarvestConfig, lm: LoadedModel, slots: list[_Slot], needed: list[
                 if all(s.reached for s in slots):
                     break
                 continue
-            base_BT = keep_mask(windows_BT, lm.tokenizer, cfg.data.exclude_first_positions,
-                                cfg.data.exclude_special_tokens).cpu()
-            ids_BT = windows_BT.to(lm.device)
-            grads_BTD = None
-            if with_grads:
-                # the loss scores every kept position of the batch (before truncation), so a
-                # row's gradient does not depend on where the harvest stops
-                acts_BTD, grads_BTD, keep_BT = lm_loss_grads(
-                    lm.model, ids_BT, needed[0],
-                    lambda a, k=base_BT: drop_norm_outliers(a, k, outliers))
-                acts = [acts_BTD]
-            else:
-                with torch.inference_mode():
-                    acts = run_to_hooks(lm.model, ids_BT, needed)
-                keep_BT = base_BT
-                for a in acts:  # each hook's outliers judged on the same base mask
-                    keep_BT = keep_BT & drop_norm_outliers(a, base_BT, outliers)
+            acts, grads_BTD, keep_BT = _forward(cfg, lm, windows_BT, needed, with_grads)
             for s in active:
                 skip = max(0, s.done - w0)  # windows of this batch already stored
                 k_BT, n_win = _truncate(keep_BT[skip:], cfg.tokens - s.rows)
@@ -472,23 +516,244 @@ def _fill(cfg: HarvestConfig, lm: LoadedModel, slots: list[_Slot], needed: list[
                 s.rows += len(acts_ND)
                 s.done = w0 + skip + n_win
                 bar.update(len(acts_ND))
-                elapsed = time.perf_counter() - start
-                s.writer.update(harvest_stats={
-                    "seconds": s.prev_seconds + elapsed,
-                    "tokens_per_s": (s.rows - s.start_rows) / max(elapsed, 1e-9),
-                    "device": str(lm.device),
-                    "lm_batch_size": B,
-                    "hooks_per_forward": len(needed),
-                })
+                _note_stats(s, time.perf_counter() - start, lm, cfg, len(needed))
                 s.reached = s.rows >= cfg.tokens
             if all(s.reached for s in slots):
                 break
     finally:
         bar.close()
+    _warn_short(cfg, slots)
+
+
+def _warn_short(cfg: HarvestConfig, slots: list[_Slot]) -> None:
     short = [s for s in slots if not s.reached]
     if short:
         warnings.warn(
             f"the corpus ran out after {short[0].rows:,} rows (asked {cfg.tokens:,}); the "
             f"store at {short[0].path} holds what there is",
-            stacklevel=4,
+            stacklevel=5,
         )
+
+
+def _note_stats(s: _Slot, elapsed: float, lm: LoadedModel, cfg: HarvestConfig, n_hooks: int,
+                ranks: int = 1) -> None:
+    if s.writer is not None:
+        s.writer.update(harvest_stats={
+            "seconds": s.prev_seconds + elapsed,
+            "tokens_per_s": (s.rows - s.start_rows) / max(elapsed, 1e-9),
+            "device": str(lm.device),
+            "lm_batch_size": cfg.lm_batch_size,
+            "hooks_per_forward": n_hooks,
+            "ranks": ranks,
+        })
+
+
+def _forward(cfg: HarvestConfig, lm: LoadedModel, windows_BT: Tensor, needed: list[HookPoint],
+             with_grads: bool) -> tuple[list[Tensor], Tensor | None, Tensor]:
+    """One LM pass over a batch: activations per needed hook, LM-loss grads (or None), and
+    the keep mask (excluded positions, special tokens and norm outliers off; on the CPU)."""
+    outliers = cfg.data.exclude_norm_outliers
+    base_BT = keep_mask(windows_BT, lm.tokenizer, cfg.data.exclude_first_positions,
+                        cfg.data.exclude_special_tokens).cpu()
+    ids_BT = windows_BT.to(lm.device)
+    if with_grads:
+        # the loss scores every kept position of the batch (before truncation), so a row's
+        # gradient does not depend on where the harvest stops
+        acts_BTD, grads_BTD, keep_BT = lm_loss_grads(
+            lm.model, ids_BT, needed[0], lambda a: drop_norm_outliers(a, base_BT, outliers))
+        return [acts_BTD], grads_BTD, keep_BT
+    with torch.inference_mode():
+        acts = run_to_hooks(lm.model, ids_BT, needed)
+    keep_BT = base_BT
+    for a in acts:  # each hook's outliers judged on the same base mask
+        keep_BT = keep_BT & drop_norm_outliers(a, base_BT, outliers)
+    return acts, None, keep_BT
+
+
+# ---- data-parallel harvest (torchrun) ----------------------------------------------------------
+def _from_main(fn: Callable[[], object]) -> object:
+    """``fn()`` on rank 0, its result (or its error, as :class:`PeerError`) on every rank."""
+    box: list = [None]
+    if dist.is_main():
+        try:
+            box[0] = ("ok", fn())
+        except SaelabError as e:
+            box[0] = ("error", str(e))
+            torch.distributed.broadcast_object_list(box, src=0)
+            raise
+    torch.distributed.broadcast_object_list(box, src=0)
+    status, value = box[0]
+    if status == "error":
+        raise PeerError(value)
+    return value
+
+
+def _harvest_ranks(cfg: HarvestConfig, progress: bool, lm: LoadedModel | None
+                   ) -> dict[str, ActivationStore]:
+    """:func:`harvest_hooks` on every rank of a torchrun job.
+
+    The corpus is cut into blocks of whole LM batches (about ``shard_rows`` rows each); block
+    ``b`` goes to rank ``b mod W``, which runs the LM on it and writes it as one shard. Rank 0
+    alone holds the locks, checks and opens the stores, and lists every rank's shard in the
+    one manifest, in corpus order; the rows (and their order) are those of a one-process
+    harvest, only the shard boundaries differ. A rerun, on any number of ranks, resumes it.
+    """
+    paths = store_paths(cfg)
+    names = list(paths)
+    outlier_hooks = _outlier_hooks(cfg, names)
+    with contextlib.ExitStack() as locks:
+        opened: dict = {}
+
+        def check() -> tuple[list[str], bool]:
+            ready, existing = _lock_and_check(cfg, paths, outlier_hooks, locks)
+            opened.update(ready=ready, existing=existing)
+            return sorted(ready), any(s is not None and s.has_grads for s in existing.values())
+
+        ready_names, _ = _from_main(check)
+        if len(ready_names) < len(names):
+            lm = lm or load_model(cfg.model)
+            ready = set(ready_names)
+
+            def open_all() -> tuple:
+                slots, _, with_grads, _, first = _open(cfg, paths, opened["existing"], ready,
+                                                       outlier_hooks, lm)
+                opened["slots"] = slots
+                return first, with_grads, {n: replace(s, writer=None)
+                                           for n, s in slots.items()}
+
+            with _not_writable(cfg):
+                first, with_grads, states = _from_main(open_all)
+                slots = opened.get("slots") or states
+                needed = _needed(cfg, lm, ready, outlier_hooks)
+                windows = _corpus_windows(cfg, lm, first)
+                try:
+                    _fill_ranks(cfg, lm, list(slots.values()), needed, windows, first,
+                                with_grads, progress)
+                except BaseException:
+                    if dist.is_main():
+                        _drop_empty(slots)
+                    raise
+                if dist.is_main():
+                    for s in slots.values():
+                        s.writer.finish(exhausted=not s.reached)
+        dist.barrier()  # every store complete before any rank opens it
+    return {n: ActivationStore.open(paths[n]) for n in names}
+
+
+def _fill_ranks(cfg: HarvestConfig, lm: LoadedModel, slots: list[_Slot],
+                needed: list[HookPoint], windows: Iterable[Tensor], first: int,
+                with_grads: bool, progress: bool) -> None:
+    """:func:`_fill` for rank ``r`` of ``W``: in each round every rank runs the LM on its own
+    block of batches; the kept-row counts are exchanged, so each rank knows where the token
+    target falls and what its shard is named; each writes its shard, rank 0 lists them."""
+    W, r = dist.world_size(), dist.rank()
+    B, T = cfg.lm_batch_size, cfg.data.context_size
+    per_block = max(1, round(cfg.shard_rows / (B * T)))  # LM batches per block (= per shard)
+    store_dtype = DTYPES[cfg.store_dtype]
+    batches = batch_windows(windows, B)
+    label = needed[0].name if len(needed) == 1 else f"{len(slots)} hooks"
+    bar = tqdm(total=cfg.tokens * len(slots), initial=sum(s.rows for s in slots), unit="tok",
+               unit_scale=True, disable=not (progress and dist.is_main()),
+               desc=f"harvest {label} on {W} ranks")
+    start, w_index = time.perf_counter(), first
+    try:
+        while not all(s.reached for s in slots):
+            # this round: W blocks in corpus order, block q for rank q
+            starts, mine = [], []
+            for q in range(W):
+                block = list(itertools.islice(batches, per_block))
+                starts.append(w_index)
+                if q == r:
+                    mine = block
+                w_index += sum(len(b) for b in block)
+            ended = w_index - starts[0] < W * per_block * B
+            parts = _run_block(cfg, lm, slots, needed, mine, starts[r], with_grads,
+                               store_dtype)
+            # (first window, windows, kept rows) per slot on every rank
+            counts = [None] * W
+            torch.distributed.all_gather_object(
+                counts, [(p["w0"], p["n_win"], p["rows"]) for p in parts])
+            infos = []
+            for i, s in enumerate(slots):
+                infos.append(_write_share(cfg, s, i, counts, r, parts[i]))
+            shared = [None] * W
+            torch.distributed.all_gather_object(shared, infos)
+            for i, s in enumerate(slots):
+                for q in range(W):
+                    info = shared[q][i]
+                    if info is None:
+                        continue
+                    if s.writer is not None:
+                        s.writer.commit_shard(info)
+                    s.rows += info.rows
+                    s.done = info.window_end
+                    s.n_shards += 1
+                    bar.update(info.rows)
+                s.reached = s.rows >= cfg.tokens
+                _note_stats(s, time.perf_counter() - start, lm, cfg, len(needed), W)
+            if ended:
+                break
+    finally:
+        bar.close()
+    if dist.is_main():
+        _warn_short(cfg, slots)
+
+
+def _run_block(cfg: HarvestConfig, lm: LoadedModel, slots: list[_Slot],
+               needed: list[HookPoint], block: list[Tensor], w0: int, with_grads: bool,
+               store_dtype: torch.dtype) -> list[dict]:
+    """Every kept row of this rank's block, per slot (windows a slot already holds left out:
+    a resumed store)."""
+    parts = [{"w0": max(w0, s.done), "n_win": 0, "rows": 0, "windows": [], "keep": [],
+              "acts": [], "grads": []} for s in slots]
+    for windows_BT in block:
+        w_end = w0 + len(windows_BT)
+        active = [i for i, s in enumerate(slots) if not s.reached and s.done < w_end]
+        if active:
+            acts, grads_BTD, keep_BT = _forward(cfg, lm, windows_BT, needed, with_grads)
+        for i in active:
+            s, p = slots[i], parts[i]
+            skip = max(0, s.done - w0)
+            k_BT = keep_BT[skip:]
+            k_dev = k_BT.to(acts[s.index].device)
+            p["windows"].append(windows_BT[skip:])
+            p["keep"].append(k_BT)
+            p["acts"].append(acts[s.index][skip:][k_dev].to(store_dtype).cpu())
+            if grads_BTD is not None:
+                p["grads"].append(grads_BTD[skip:][k_dev].to(store_dtype).cpu())
+            p["n_win"] += len(k_BT)
+            p["rows"] += int(k_BT.sum())
+        w0 = w_end
+    return parts
+
+
+def _write_share(cfg: HarvestConfig, s: _Slot, i: int, counts: list, r: int, part: dict):
+    """Write this rank's shard of slot ``s`` (rows up to the token target only); returns its
+    ShardInfo, or None when this rank adds nothing to the store this round."""
+    have = s.rows
+    index = s.n_shards
+    for q in range(r + 1):
+        w0, n_win, rows = counts[q][i]
+        need = cfg.tokens - have
+        if s.reached or need <= 0 or n_win == 0:
+            if q == r:
+                return None
+            continue
+        if rows == 0:  # every rank sees it: all stop, rank 0 reports
+            raise (StoreError if dist.is_main() else PeerError)(
+                f"windows {w0}..{w0 + n_win} of the corpus have no kept position; a "
+                f"multi-process harvest writes one shard per block of LM batches and cannot "
+                f"store an empty one: raise --shard-rows or harvest on one process")
+        if q < r:
+            have += min(rows, need)
+            index += 1
+            continue
+        keep_WT = torch.cat(part["keep"])
+        keep_WT, n = _truncate(keep_WT, need)
+        keep_WT = keep_WT[:n]
+        n_rows = int(keep_WT.sum())
+        acts_ND = torch.cat(part["acts"])[:n_rows]
+        grads_ND = torch.cat(part["grads"])[:n_rows] if part["grads"] else None
+        return write_shard(s.path, s.spec, index, w0, torch.cat(part["windows"])[:n],
+                           keep_WT, acts_ND, grads_ND)
+    return None

@@ -527,34 +527,9 @@ class StoreWriter:
         ``N == keep_WT.sum()``. Windows with no kept row still count as done. ``grads_ND``
         (same layout as ``acts_ND``) is required if and only if ``spec.with_grads``.
         """
-        windows_WT, keep_WT = windows_WT.cpu(), keep_WT.cpu().bool()
+        windows_WT, keep_WT, rows = _shard_rows(self.spec, windows_WT, keep_WT, acts_ND,
+                                                grads_ND, self._next_window)
         counts_W = keep_WT.sum(dim=1)
-        n_rows = int(counts_W.sum())
-        if (grads_ND is not None) != self.spec.with_grads:
-            raise ValueError(f"this store {'needs' if self.spec.with_grads else 'takes no'} grads")
-        w_idx, p_idx = keep_WT.nonzero(as_tuple=True)
-        named = {"acts": acts_ND} if grads_ND is None else {"acts": acts_ND, GRADS: grads_ND}
-        for key, value in named.items():
-            if value.shape != (n_rows, self.spec.d_in):
-                raise ValueError(f"{key} {tuple(value.shape)} != ({n_rows}, {self.spec.d_in})")
-            named[key] = value = value.to("cpu", self._dtype)
-            r = first_nonfinite_row(value)
-            if r is not None:
-                what = "activation" if key == "acts" else "LM-loss gradient"
-                raise NonFiniteActivationError(
-                    f"NaN/inf {what} in window {self._next_window + int(w_idx[r])} at position "
-                    f"{int(p_idx[r])}; refusing to store it (try --model-dtype float32, or "
-                    f"--store-dtype float32 if float16 overflowed)"
-                )
-        pos_dtype = torch.int16 if self.spec.context_size <= 32767 else torch.int32
-        rows = {
-            "acts": named["acts"],
-            "tokens": windows_WT[keep_WT].to(torch.int32),
-            "window": w_idx.to(torch.int64) + self._next_window,
-            "pos": p_idx.to(pos_dtype),
-        }
-        if GRADS in named:
-            rows[GRADS] = named[GRADS]
         windows_WT = windows_WT.to(torch.int32)
         cum_W = counts_W.cumsum(0)
         w0 = r0 = 0
@@ -582,19 +557,26 @@ class StoreWriter:
         self._pending, self._pending_rows = [], 0
         if len(t["acts"]) == 0:  # trailing windows without kept rows (finish only): no shard
             return
-        t.update(_shard_stats(t["acts"]))
-        data = st_save({k: v.contiguous() for k, v in t.items()})
-        info = ShardInfo(
-            file=shard_name(len(self.shards)),
-            rows=len(t["acts"]),
-            window_start=start,
-            window_end=start + len(t["windows"]),
-            bytes=len(data),
-            sha256=hashlib.sha256(data).hexdigest(),
-        )
-        atomic_write_bytes(self.path / info.file, data)
+        info = _write_shard(self.path, len(self.shards), start, t)
         self.shards.append(info)
         self._add_stats(t)
+        self._write_manifest()
+
+    def commit_shard(self, info: ShardInfo) -> None:
+        """List a shard another process wrote (:func:`write_shard`) as the next one.
+
+        The file must be on disk with its listed size; its statistics are read from it."""
+        if info.window_start != self.windows_done or info.file in {s.file for s in self.shards}:
+            raise StoreError(f"{self.path}: shard {info.file} (windows {info.window_start}.."
+                             f"{info.window_end}) does not follow windows 0..{self.windows_done}")
+        f = self.path / info.file
+        if not f.is_file() or f.stat().st_size != info.bytes:
+            raise StoreError(f"{f} is missing or not {info.bytes} bytes: harvest again")
+        with safe_open(str(f), framework="pt") as h:
+            stats = {k: h.get_tensor(k) for k in ("stat_act_sum", "stat_norm_sum",
+                                                    "stat_sq_norm_sum")}
+        self.shards.append(info)
+        self._add_stats(stats)
         self._write_manifest()
 
     def finish(self, exhausted: bool = False) -> ActivationStore:
@@ -604,6 +586,72 @@ class StoreWriter:
         self.manifest["exhausted"] = exhausted
         self._write_manifest()
         return ActivationStore.open(self.path)
+
+
+
+def _shard_rows(spec: StoreSpec, windows_WT: Tensor, keep_WT: Tensor, acts_ND: Tensor,
+                grads_ND: Tensor | None, first_window: int
+                ) -> tuple[Tensor, Tensor, dict[str, Tensor]]:
+    """Checked, cast row tensors of windows ``first_window ..`` (see :meth:`StoreWriter.add`);
+    also returns the windows (int32) and the keep mask on the CPU."""
+    windows_WT, keep_WT = windows_WT.cpu(), keep_WT.cpu().bool()
+    n_rows = int(keep_WT.sum())
+    if (grads_ND is not None) != spec.with_grads:
+        raise ValueError(f"this store {'needs' if spec.with_grads else 'takes no'} grads")
+    w_idx, p_idx = keep_WT.nonzero(as_tuple=True)
+    named = {"acts": acts_ND} if grads_ND is None else {"acts": acts_ND, GRADS: grads_ND}
+    for key, value in named.items():
+        if value.shape != (n_rows, spec.d_in):
+            raise ValueError(f"{key} {tuple(value.shape)} != ({n_rows}, {spec.d_in})")
+        named[key] = value = value.to("cpu", DTYPES[spec.dtype])
+        r = first_nonfinite_row(value)
+        if r is not None:
+            what = "activation" if key == "acts" else "LM-loss gradient"
+            raise NonFiniteActivationError(
+                f"NaN/inf {what} in window {first_window + int(w_idx[r])} at position "
+                f"{int(p_idx[r])}; refusing to store it (try --model-dtype float32, or "
+                f"--store-dtype float32 if float16 overflowed)"
+            )
+    pos_dtype = torch.int16 if spec.context_size <= 32767 else torch.int32
+    rows = {
+        "acts": named["acts"],
+        "tokens": windows_WT[keep_WT].to(torch.int32),
+        "window": w_idx.to(torch.int64) + first_window,
+        "pos": p_idx.to(pos_dtype),
+    }
+    if GRADS in named:
+        rows[GRADS] = named[GRADS]
+    return windows_WT.to(torch.int32), keep_WT, rows
+
+
+def _write_shard(path: Path, index: int, window_start: int, t: dict[str, Tensor]) -> ShardInfo:
+    """Write rows ``t`` (plus ``windows``) as shard ``index`` (atomic); adds its stats to ``t``."""
+    t.update(_shard_stats(t["acts"]))
+    data = st_save({k: v.contiguous() for k, v in t.items()})
+    info = ShardInfo(
+        file=shard_name(index),
+        rows=len(t["acts"]),
+        window_start=window_start,
+        window_end=window_start + len(t["windows"]),
+        bytes=len(data),
+        sha256=hashlib.sha256(data).hexdigest(),
+    )
+    atomic_write_bytes(path / info.file, data)
+    return info
+
+
+def write_shard(path: str | os.PathLike, spec: StoreSpec, index: int, window_start: int,
+                windows_WT: Tensor, keep_WT: Tensor, acts_ND: Tensor,
+                grads_ND: Tensor | None = None) -> ShardInfo:
+    """Write windows ``window_start ..`` and their kept rows as one shard file named for
+    position ``index``, without touching the manifest: a data-parallel harvest rank writes its
+    own shards and rank 0 lists them in order (:meth:`StoreWriter.commit_shard`)."""
+    windows_WT, _, rows = _shard_rows(spec, windows_WT, keep_WT, acts_ND, grads_ND,
+                                      window_start)
+    if len(rows["acts"]) == 0:
+        raise StoreError(f"windows {window_start}..{window_start + len(windows_WT)} have no "
+                         "kept rows: a shard needs at least one")
+    return _write_shard(Path(path), index, window_start, {**rows, "windows": windows_WT})
 
 
 def _shard_stats(acts_ND: Tensor, chunk: int = 4096) -> dict[str, Tensor]:

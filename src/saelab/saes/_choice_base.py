@@ -20,6 +20,10 @@ most ``k·B`` matches (§6.1):
   The spec writes ``f = A·1[A ≥ τ_j]``; ``encode`` uses the strict ``π > τ_j`` of the shared
   JumpReLU form so the saved SAELens ``jumprelu`` file computes exactly the same function. The
   two differ only on exact ties with ``τ_j``; at ``τ_j = 0`` both give ``ReLU(π)``.
+  Data-parallel (``saelab.dist``): capacities are those of the global batch, and ``τ_j``
+  (selection and inference estimate) is the global column's ``m_j``-th largest, gathered from
+  every rank's local column top ``min(m_max, B/W)``; each rank keeps its positive entries
+  ``≥ τ_j``, the single-process selection up to ties with ``τ_j``.
 
 A latent whose pre-activations are all ≤ 0 over a batch has only zero affinities: it gets no
 match, no gradient from the main loss, and the FC budget is underspent by its ``m_j`` (so the

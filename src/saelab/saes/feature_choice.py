@@ -8,6 +8,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from saelab import dist
 from saelab.saes._choice_base import ChoiceOptions, ZipfUsageMixin
 from saelab.saes._topk_base import ThresholdedBatchSAE
 from saelab.saes.registry import register
@@ -101,6 +102,8 @@ class FeatureChoiceSAE(ZipfUsageMixin, ThresholdedBatchSAE):
         return torch.empty_like(cap_R).scatter_(0, self.frequency_order(), cap_R)
 
     def select_train(self, pre_BF: Tensor, step: int) -> SparseCode:
+        if dist.is_distributed():
+            return self._select_train_global(pre_BF, step)
         B, M = pre_BF.shape
         acts_BF = torch.relu(pre_BF)
         cap_R, buckets = self._plan(B, pre_BF.device)
@@ -130,6 +133,42 @@ class FeatureChoiceSAE(ZipfUsageMixin, ThresholdedBatchSAE):
                 est_F.index_copy_(0, lat_Z, acts_BF.detach().index_select(1, lat_Z).amax(0))
             self.update_threshold(est_F)
         code = _group_by_row(torch.cat(rows), torch.cat(cols), torch.cat(vals), B)
+        self.track_firing(code, B)
+        return code
+
+    def _select_train_global(self, pre_BF: Tensor, step: int) -> SparseCode:
+        """:meth:`select_train` over the global batch of a data-parallel run (saelab.dist).
+
+        Capacities are those of the global batch; per column the global ``m_j``-th largest
+        affinity ``τ_j`` comes from every rank's local top ``min(m_max, B_local)`` of the
+        column, and each rank keeps its positive entries ``>= τ_j``: the single-process set up
+        to ties with ``τ_j`` (zero affinities, which that path keeps as value-0 slots when a
+        column has fewer than ``m_j`` positive entries, are left out: they carry nothing)."""
+        B, M = pre_BF.shape
+        acts_BF = torch.relu(pre_BF.detach())
+        cap_R, buckets = self._plan(dist.global_rows(B), pre_BF.device)
+        order_R = self.frequency_order()
+        cap_F = torch.empty_like(cap_R).scatter_(0, order_R, cap_R)
+        tau_F = acts_BF.new_full((M,), torch.inf)  # m_j = 0: never matched
+        for r0, r1, kmax in buckets:  # every rank runs the same buckets (global ranks, B)
+            if r0 == 0 and r1 == M:
+                lat_G = torch.arange(M, device=pre_BF.device)
+                sub_BG = acts_BF
+            else:
+                lat_G = order_R[r0:r1]
+                sub_BG = acts_BF.index_select(1, lat_G)
+            cand_KG = sub_BG.topk(min(kmax, B), dim=0, sorted=False).values
+            tau_F.index_copy_(0, lat_G, dist.global_column_kth_largest(cand_KG, cap_F[lat_G]))
+        if self.estimating_threshold(step):
+            est_F = tau_F
+            if not buckets or buckets[-1][1] < M:  # m_j = 0: the global column max
+                est_F = torch.where(cap_F > 0, tau_F, dist.all_reduce_max(acts_BF.amax(0)))
+            self.update_threshold(est_F)
+        idx = ((acts_BF >= tau_F) & (acts_BF > 0)).nonzero()  # row-major: grouped by row
+        counts = torch.bincount(idx[:, 0], minlength=B)
+        offsets = torch.zeros(B + 1, dtype=torch.long, device=pre_BF.device)
+        torch.cumsum(counts, 0, out=offsets[1:])
+        code = SparseCode(idx[:, 1], torch.relu(pre_BF)[idx[:, 0], idx[:, 1]], offsets)
         self.track_firing(code, B)
         return code
 

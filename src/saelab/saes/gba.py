@@ -55,7 +55,9 @@ Choices where the spec is silent (all options or documented defaults):
   every latent starts dense and the adaptation raises thresholds).
 - Loss: the batch-normalised MSE (batch FVU, as the library's TopK) rather than the per-token
   SSE: the same minimiser, but with gradient norms of order 1 so clipping at 1.0 is meaningful
-  for any d_in and input scale.
+  for any d_in and input scale. Data-parallel, its denominator is the global batch's
+  (``normalized_mse``) and the window statistics are summed (counts, tokens) or maxed
+  (``max_pre``) over ranks every step, so W ranks adapt the biases as one process would.
 - Learning rate: the TopK width law capped at 1e-3 (1e-3 at M ≤ 4096) for this library's
   ~500-step budgets; the reimplementation's 1e-4 [U] is tuned for long runs.
 """
@@ -67,6 +69,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from saelab import dist
 from saelab.config import opt
 from saelab.errors import ConfigError
 from saelab.saes._topk_base import topk_lr
@@ -204,9 +207,12 @@ class GBASAE(SAE):
             return
         count_F, max_F, n = self._pending
         self._pending = None
-        self.fire_count.add_(count_F)
-        torch.maximum(self.max_pre, max_F.to(self.max_pre.dtype), out=self.max_pre)
-        self.buffered_tokens += n
+        # data-parallel: the global batch's statistics, so every rank holds the same window
+        # (and applies the same update; rank 0's checkpointed window is everyone's)
+        self.fire_count.add_(dist.all_reduce_sum(count_F))
+        torch.maximum(self.max_pre, dist.all_reduce_max(max_F).to(self.max_pre.dtype),
+                      out=self.max_pre)
+        self.buffered_tokens += dist.global_rows(n)
         if self.buffered_tokens >= self.cfg.options.buffer_tokens:
             self.adapt_biases()
 

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import re
 import subprocess
 import sys
 from collections.abc import Callable, Sequence
@@ -100,7 +101,50 @@ def relaunch(argv: Sequence[str], nproc: int) -> int:
         except (AttributeError, OSError):
             cpus = os.cpu_count() or 1
         env["OMP_NUM_THREADS"] = str(max(1, cpus // nproc))
-    return subprocess.call(torchrun_command(argv, nproc), env=env)
+    proc = subprocess.Popen(torchrun_command(argv, nproc), env=env, stderr=subprocess.PIPE)
+    return _relay_stderr(proc, sys.stderr.buffer)
+
+
+# torchrun's own report once a worker fails: log lines of its agent such as "W1202 01:05:39.3
+# 123 .../elastic/multiprocessing/api.py:1028] Sending process 5 closing signal SIGTERM" and
+# "E1202 ... failed (exitcode: 2) local_rank: 0 ...", then its traceback and a summary table
+_REPORT = re.compile(rb"(?m)^[EW]\d{4} [^\n]*torch/distributed/elastic/multiprocessing/"
+                     rb"[^\n]*(?:failed \(exitcode|closing signal)")
+_FAILED = re.compile(rb"failed \(exitcode: (-?\d+)\)")
+
+
+def _relay_stderr(proc: subprocess.Popen, out) -> int:
+    """Pass the workers' stderr through as it comes (progress bars included) and return the
+    exit code. When a worker stopped on a user error (exit 2, its one ``error:`` line already
+    printed), torchrun's multi-screen failure report is dropped and 2 returned; any other
+    failure keeps the report (it names the worker and the signal) and returns torchrun's code."""
+    held = b""  # the unfinished last line, not yet written (it may start torchrun's report)
+    report = b""
+    while chunk := proc.stderr.read1(65536):
+        if report:
+            report += chunk
+            continue
+        text = held + chunk
+        m = _REPORT.search(text)
+        if m:
+            out.write(text[: m.start()])
+            report = text[m.start():]
+            continue
+        cut = text.rfind(b"\n") + 1
+        # a partial line that cannot be the report's start goes out now (a progress bar)
+        if not text[cut:].startswith((b"E", b"W")) or b"\r" in text[cut:]:
+            cut = len(text)
+        out.write(text[:cut])
+        out.flush()
+        held = text[cut:]
+    out.write(held)
+    rc = proc.wait()
+    codes = {int(c) for c in _FAILED.findall(report)}
+    if report and codes == {2}:
+        return 2  # a user error: the worker printed its one line
+    out.write(report)
+    out.flush()
+    return rc
 
 
 _NEEDS_STORE = ("distributed training needs an existing activation store: harvest one with "
