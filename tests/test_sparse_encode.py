@@ -316,25 +316,51 @@ def test_batch_level_loss_matches_naive_spec(arch, pre_bias):
 
 
 @pytest.mark.parametrize("biases", [(True, True), (False, True), (True, False), (False, False)])
-def test_column_pre_acts_backward_matches_dense_autograd(biases):
-    """The dense-over-columns backward of AuxK's dense regime: exact gradients for x, W_enc,
-    b_enc, b_dec at the chosen columns (and zero elsewhere), with or without either bias."""
-    x, W, b_enc, b_dec, _ = _params(7, x_grad=True)
+def test_dead_columns_decode_backward_matches_dense_autograd(biases):
+    """AuxK's fused dense regime ``(m ⊙ π[:, cols]) @ W_dec[cols]``: exact gradients for x,
+    W_enc, b_enc, b_dec and W_dec at the chosen columns (zero elsewhere), either bias absent."""
+    x, W, b_enc, b_dec, W_dec = _params(7, x_grad=True)
     has_enc, has_dec = biases
     be, bd = (b_enc if has_enc else None), (b_dec if has_dec else None)
     cols = torch.tensor([3, 50, 7, 95, 0, 41])
     g = torch.Generator().manual_seed(8)
-    w_BN = torch.randn(B, len(cols), generator=g, dtype=f64)
-    wrt = [x, W] + ([b_enc] if has_enc else []) + ([b_dec] if has_dec else [])
-    p = SparsePreActs(x, W, be, bd).columns(cols)
-    cand = _grads((torch.relu(p) ** 2 * w_BN).sum(), wrt)
+    m_BN = torch.rand(B, len(cols), generator=g, dtype=f64) * (torch.rand(B, len(cols), generator=g) > 0.4)
+    w_BD = torch.randn(B, D, generator=g, dtype=f64)
+    wrt = [x, W, W_dec] + ([b_enc] if has_enc else []) + ([b_dec] if has_dec else [])
+    e_hat = SparsePreActs(x, W, be, bd).decode_columns(cols, m_BN, W_dec)
+    cand = _grads((e_hat**2 * w_BD).sum(), wrt)
     pi = ((x - b_dec) if has_dec else x) @ W + (b_enc if has_enc else 0)
-    ref = _grads((torch.relu(pi[:, cols]) ** 2 * w_BN).sum(), wrt)
+    ref_e = (pi[:, cols] * m_BN) @ W_dec[cols]
+    torch.testing.assert_close(e_hat, ref_e, rtol=1e-12, atol=1e-12)
+    ref = _grads((ref_e**2 * w_BD).sum(), wrt)
     for a, b in zip(cand, ref, strict=True):
         torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10)
     other = torch.ones(F, dtype=torch.bool)
     other[cols] = False
-    assert (cand[1][:, other] == 0).all()
+    assert (cand[1][:, other] == 0).all() and (cand[2][other] == 0).all()
+    assert (cand[1][:, cols] != 0).any() and (cand[2][cols] != 0).any()
+
+
+def test_dead_columns_decode_under_autocast_is_close_to_float32():
+    """Under bf16 autocast both directions run their GEMMs in bf16 and return float32 within
+    bf16 rounding of the float32 result (the backward replays the autocast state)."""
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(64, 32, generator=g)
+    W = torch.randn(32, 96, generator=g, requires_grad=True)
+    W_dec = torch.randn(96, 32, generator=g, requires_grad=True)
+    cols = torch.arange(0, 96, 3)
+    m_BN = (torch.rand(64, len(cols), generator=g) > 0.5).float()
+    out = {}
+    for mode in (False, True):
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=mode):
+            pre = SparsePreActs(x, W)
+            e = pre.decode_columns(cols, m_BN, W_dec)
+            loss = (e.float() ** 2).sum()
+        assert e.dtype == torch.float32
+        out[mode] = (e.detach(), *torch.autograd.grad(loss, [W, W_dec]))
+    for a, b in zip(out[True], out[False], strict=True):
+        assert ((a - b).norm() / b.norm()) < 2e-2
+    assert not torch.equal(out[True][1], out[False][1])  # the backward did run in bf16
 
 
 def test_auxk_matches_naive_loop():

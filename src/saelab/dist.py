@@ -81,13 +81,13 @@ def global_centered_sq_sum(x_BD: Tensor) -> Tensor:
     exact arithmetic of ``(x − x.mean(0)).flatten() @ itself`` (autograd intact)."""
     if not is_distributed():
         xc = (x_BD - x_BD.mean(0)).flatten()
-        return xc @ xc
+        return torch.dot(xc, xc)
     x = x_BD.detach()
     n = torch.tensor([float(x.shape[0])], dtype=x.dtype, device=x.device)
     s = all_reduce_sum(torch.cat([x.sum(0), n]))
     mean_D = s[:-1] / s[-1]
     xc = (x - mean_D).flatten()
-    return all_reduce_sum(xc @ xc)
+    return all_reduce_sum(torch.dot(xc, xc))
 
 
 def global_kth_largest(v_N: Tensor, k: int) -> Tensor:

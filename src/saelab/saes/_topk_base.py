@@ -122,7 +122,7 @@ def centered_sq_sum(x_BD: Tensor) -> Tensor:
         if dist.is_distributed():
             return dist.global_centered_sq_sum(x_BD)
         xc = (x_BD - x_BD.mean(0)).flatten()
-        return xc @ xc
+        return torch.dot(xc, xc)
 
 
 def aux_target_factor(residual_BD: Tensor, x_BD: Tensor) -> Tensor:

@@ -232,9 +232,12 @@ class SAE(nn.Module):
         out = torch.zeros(self.d_sae, dtype=torch.uint8, device=hit.device)
         return out.scatter_reduce_(0, code.idx.flatten(), hit, "amax").bool()
 
-    def fired_dense(self, f_BF: Tensor) -> Tensor:
-        """bool ``[F]`` of a dense code: ``|f| > dead_eps`` somewhere in the batch."""
+    def fired_dense(self, f_BF: Tensor, nonneg: bool = False) -> Tensor:
+        """bool ``[F]`` of a dense code: ``|f| > dead_eps`` somewhere in the batch (``nonneg``:
+        the code is ``≥ 0``, so one column-max pass decides)."""
         f = f_BF.detach()
+        if nonneg:
+            return f.amax(0) > self.dead_eps
         return (f.amax(0) > self.dead_eps) | (f.amin(0) < -self.dead_eps)
 
     def after_step(self, step: int, out: LossOutput) -> None:

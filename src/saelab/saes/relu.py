@@ -82,7 +82,7 @@ class ReLUSAE(SAE):
         total = mse + lam * sparsity
         # f ≥ 0, so "fired" is one column-max pass (the tracker's generic |f| > 0 test is three)
         return LossOutput(total, {"mse": mse, "l1": sparsity}, f_BF, recon_BD,
-                          fired_F=self.fired_dense(f_BF))
+                          fired_F=self.fired_dense(f_BF, nonneg=True))
 
     def bias_names(self) -> tuple[str, ...]:
         return ("b_dec", "b_enc")

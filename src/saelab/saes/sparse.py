@@ -203,42 +203,59 @@ class _SelectedPreActs(torch.autograd.Function):
         return None, dx, dW, d_benc, d_bdec, None, None
 
 
-class _ColumnPreActs(torch.autograd.Function):
-    """``π[:, cols]`` (dense ``[B, n]``) read from the detached ``pre_BF``, with a dense backward
-    over those columns only: ``dW[:, cols] = (x − b_dec)ᵀ g`` is one ``[D, B] × [B, n]`` GEMM.
+class _DeadColumnsDecode(torch.autograd.Function):
+    """AuxK's dense regime as one node: ``ê = (m ⊙ π[:, cols]) @ W_dec[cols]``, where the
+    multiplier ``m_BN`` is the selection mask (already 0 where ReLU would cut), times an optional
+    per-latent weight, and ``p_BN`` the detached ``π[:, cols]``; the backward forms every
+    gradient from ``dπ = m ⊙ (g W_dec[cols]ᵀ)`` with ``[B, n] × D`` GEMMs over those columns only:
 
-    AuxK uses this when k_aux is a sizeable fraction of the dead columns: a GEMM multiply-add
-    is far cheaper than a random row gather, so B·n·D GEMM work beats the B·k_aux·D scatter of
-    :class:`_SelectedPreActs` once k_aux / n ≳ ``_AUX_DENSE_DENSITY``.
+        dW_dec[cols] = (m ⊙ π)ᵀ g        dW_enc[:, cols] = (x − b_dec)ᵀ dπ
+        db_enc[cols] = Σ_b dπ            db_dec = −W_enc[:, cols] Σ_b dπ      dx = dπ W_enc[:, cols]ᵀ
+
+    A GEMM multiply-add is far cheaper than a random row gather, so this beats the B·k_aux·D
+    scatter of the sparse regime once k_aux / n ≳ ``_AUX_DENSE_DENSITY``. Under autocast the
+    GEMMs of both directions run in its dtype (the backward replays the caller's autocast
+    state, which autograd does not restore for custom functions); the result is float32.
     """
 
     @staticmethod
-    def forward(ctx, pre_BF: Tensor, x_BD: Tensor, W_DF: Tensor, b_enc_F: Tensor | None,
-                b_dec_D: Tensor | None, cols: Tensor) -> Tensor:
-        ctx.has_b_enc, ctx.has_b_dec = b_enc_F is not None, b_dec_D is not None
-        ctx.save_for_backward(x_BD, W_DF, b_dec_D, cols)
-        return pre_BF.index_select(1, cols).to(W_DF.dtype)
+    def forward(ctx, p_BN: Tensor, x_BD: Tensor, W_enc_DF: Tensor, b_enc_F: Tensor | None,
+                b_dec_D: Tensor | None, W_dec_FD: Tensor, cols: Tensor, m_BN: Tensor) -> Tensor:
+        dev = x_BD.device.type
+        cd = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else W_dec_FD.dtype
+        z_BN = p_BN.to(cd) * m_BN.to(cd)
+        Wd_ND = W_dec_FD.index_select(0, cols).to(cd)
+        ctx.cd, ctx.has_b_enc, ctx.has_b_dec = cd, b_enc_F is not None, b_dec_D is not None
+        ctx.save_for_backward(x_BD, W_enc_DF, b_dec_D, cols, m_BN, z_BN, Wd_ND)
+        return (z_BN @ Wd_ND).to(W_dec_FD.dtype)
 
     @staticmethod
-    def backward(ctx, g_BN: Tensor):
-        x_BD, W_DF, b_dec_D, cols = ctx.saved_tensors
+    def backward(ctx, g_BD: Tensor):
+        x_BD, W_enc_DF, b_dec_D, cols, m_BN, z_BN, Wd_ND = ctx.saved_tensors
         need = ctx.needs_input_grad
-        g_BN = g_BN.contiguous()
-        s_N = g_BN.sum(0) if (need[3] or need[4] or (need[2] and ctx.has_b_dec)) else None
-        dW = d_benc = d_bdec = dx = None
-        W_DN = W_DF.index_select(1, cols) if (need[1] or need[4]) else None
+        cd, out = ctx.cd, W_enc_DF.dtype
+        g_cd = g_BD.contiguous().to(cd)
+        dx = dW_enc = d_benc = d_bdec = dW_dec = None
+        if need[5]:
+            dW_dec = W_enc_DF.new_zeros(W_enc_DF.shape[1], Wd_ND.shape[1])
+            dW_dec.index_copy_(0, cols, (z_BN.T @ g_cd).to(out))
+        if not any(need[1:5]):
+            return None, None, None, None, None, dW_dec, None, None
+        dp_BN = (g_cd @ Wd_ND.T).mul_(m_BN.to(cd))
+        s_N = dp_BN.sum(0, dtype=out)
+        We_DN = W_enc_DF.index_select(1, cols) if (need[1] or need[4]) else None
         if need[2]:
-            dW_DN = x_BD.T @ g_BN
+            dW_DN = (x_BD.to(cd).T @ dp_BN).to(out)
             if ctx.has_b_dec:
                 dW_DN.addr_(b_dec_D, s_N, alpha=-1)
-            dW = W_DF.new_zeros(W_DF.shape).index_copy_(1, cols, dW_DN)
+            dW_enc = W_enc_DF.new_zeros(W_enc_DF.shape).index_copy_(1, cols, dW_DN)
         if need[3]:
-            d_benc = s_N.new_zeros(W_DF.shape[1]).index_copy_(0, cols, s_N)
+            d_benc = s_N.new_zeros(W_enc_DF.shape[1]).index_copy_(0, cols, s_N)
         if need[4]:
-            d_bdec = -(W_DN @ s_N)
+            d_bdec = -(We_DN @ s_N)
         if need[1]:
-            dx = g_BN @ W_DN.T
-        return None, dx, dW, d_benc, d_bdec, None
+            dx = (dp_BN @ We_DN.T.to(cd)).to(x_BD.dtype)
+        return None, dx, dW_enc, d_benc, d_bdec, dW_dec, None, None
 
 
 class SparsePreActs:
@@ -273,10 +290,14 @@ class SparsePreActs:
         return _SelectedPreActs.apply(self.dense, self.x_BD, self.W_enc_DF, self.b_enc_F,
                                       self.b_dec_D, idx, offsets)
 
-    def columns(self, cols: Tensor) -> Tensor:
-        """Differentiable dense π ``[B, n]`` at columns ``cols`` (dense backward over them)."""
-        return _ColumnPreActs.apply(self.dense, self.x_BD, self.W_enc_DF, self.b_enc_F,
-                                    self.b_dec_D, cols)
+    def decode_columns(self, cols: Tensor, m_BN: Tensor, W_dec_FD: Tensor,
+                       p_BN: Tensor | None = None) -> Tensor:
+        """Differentiable ``(m ⊙ π[:, cols]) @ W_dec[cols]`` (:class:`_DeadColumnsDecode`);
+        ``p_BN``: ``π[:, cols]`` if the caller has it already."""
+        if p_BN is None:
+            p_BN = self.dense[:, cols]
+        return _DeadColumnsDecode.apply(p_BN, self.x_BD, self.W_enc_DF, self.b_enc_F,
+                                        self.b_dec_D, W_dec_FD, cols, m_BN)
 
 
 def attach_grad(pre: SparsePreActs, code: SparseCode, signed: bool = False) -> SparseCode:
@@ -385,7 +406,8 @@ def normalized_mse(recon_BD: Tensor, x_BD: Tensor) -> Tensor:
         return (F.mse_loss(recon_BD, x_BD, reduction="sum") * dist.world_size()
                 / var.clamp_min(1e-12))
     xc = (x_BD - x_BD.mean(0)).flatten()
-    var = xc @ xc  # one BLAS dot, no squared temporary
+    # one BLAS dot, no squared temporary; torch.dot, not @, which autocast would run in bf16
+    var = torch.dot(xc, xc)
     return F.mse_loss(recon_BD, x_BD, reduction="sum") / var.clamp_min(1e-12)
 
 
@@ -407,7 +429,7 @@ def auxk_loss(pre_BF: Tensor | SparsePreActs, residual_BD: Tensor, W_dec_FD: Ten
 
     ``pre_BF`` is either π with autograd or a :class:`SparsePreActs`. With the latter no
     ``[B, F]`` gradient is built: when ``k_aux ≥ n_dead·_AUX_DENSE_DENSITY`` the dead columns
-    are handled densely (``[B, n_dead]`` GEMMs, :class:`_ColumnPreActs`), otherwise sparsely
+    are handled densely (``[B, n_dead]`` GEMMs, :class:`_DeadColumnsDecode`), otherwise sparsely
     (the B·k_aux selected entries, :class:`_SelectedPreActs` and the sparse decoder).
     Finding the dead set costs one host sync (``nonzero``); the trainer calls this once a step.
     """
@@ -424,18 +446,18 @@ def auxk_loss(pre_BF: Tensor | SparsePreActs, residual_BD: Tensor, W_dec_FD: Ten
         # dense over the dead columns only, in both directions: at k_aux / n_dead ≳ 1/16 the
         # [B, n_dead] x D GEMMs (decode forward and backward, encoder-weight gradient) beat
         # B·k_aux random row gathers and scatters
-        if isinstance(pre_BF, SparsePreActs):
-            p_BN = pre_BF.columns(dead_idx)
-        else:
-            p_BN = pre_BF.index_select(1, dead_idx)
         with torch.no_grad():
-            sel = topk_per_token(p_BN.detach(), k, signed=signed).idx
-            keep_BN = torch.zeros(p_BN.shape, dtype=torch.bool, device=p_BN.device)
-            keep_BN.scatter_(1, sel, True)
-        z_BN = torch.where(keep_BN, p_BN if signed else torch.relu(p_BN), 0.0)
-        if weight_F is not None:
-            z_BN = z_BN * weight_F[dead_idx]
-        e_hat_BD = z_BN @ W_dec_FD.index_select(0, dead_idx)
+            p_BN = dense_BF.detach()[:, dead_idx]  # (advanced indexing beats index_select)
+            code = topk_per_token(p_BN, k, signed=signed)
+            # the code's multiplier: 1 at the selected entries (0 where ReLU cuts), × weight
+            hit_BK = (torch.ones_like(code.vals) if signed else (code.vals > 0).to(code.vals))
+            if weight_F is not None:
+                hit_BK = hit_BK * weight_F[dead_idx][code.idx].to(hit_BK)
+            m_BN = torch.zeros_like(p_BN).scatter_(1, code.idx, hit_BK)
+        if isinstance(pre_BF, SparsePreActs):
+            e_hat_BD = pre_BF.decode_columns(dead_idx, m_BN, W_dec_FD, p_BN)
+        else:
+            e_hat_BD = (pre_BF.index_select(1, dead_idx) * m_BN) @ W_dec_FD.index_select(0, dead_idx)
     else:
         code = topk_per_token(dense_BF.index_select(1, dead_idx), k, signed=signed)
         idx = dead_idx[code.idx]
