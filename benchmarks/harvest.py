@@ -12,6 +12,11 @@ tokenises the corpus itself, as the harvest does):
    the same batches, nothing kept): the harvest's overhead, target >= 90% of the bare speed.
 3. Clean next-token CE on ``--ce-windows`` held-out windows, fp32 vs bf16 (full forward).
 4. ``--hook`` at 4 depths in one pass (``harvest_hooks``) against 4 separate harvests.
+5. ``--ranks N`` (default 2; 0 skips): ``saelab harvest --nproc N`` (torchrun, one thread per
+   rank) against ``saelab harvest`` in one process with all the threads, same windows, both
+   through the CLI; tokens/s from each store's own harvest clock (model loading excluded) and
+   from the wall clock (process start and model load included), and a check that both stores
+   hold the same rows.
 
 Numbers depend on the machine; the ratios are the point.
 """
@@ -20,6 +25,9 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -29,6 +37,7 @@ import torch.nn.functional as F
 
 from saelab.config import DataConfig, HarvestConfig, ModelConfig
 from saelab.data.corpus import iter_documents
+from saelab.data.store import ActivationStore
 from saelab.data.windows import batch_windows, iter_windows
 from saelab.harvest import harvest, harvest_hooks, run_to_hooks
 from saelab.models.hooks import parse_hook
@@ -44,6 +53,8 @@ def main() -> None:
     ap.add_argument("--device", default="auto")
     ap.add_argument("--ce-windows", type=int, default=16)
     ap.add_argument("--skip-multi", action="store_true")
+    ap.add_argument("--ranks", type=int, default=2, help="processes of the multi-rank harvest")
+    ap.add_argument("--ranks-windows", type=int, default=96)
     ap.add_argument("--json", default="", help="also write the figures to this JSON file")
     args = ap.parse_args()
     tune_malloc()
@@ -128,8 +139,49 @@ def main() -> None:
     res["bf16_clean_ce_delta"] = b16["clean_ce"] - f32["clean_ce"]
     print(f"bf16 / fp32 harvest speed {res['bf16_harvest_speedup']:.2f}x, clean CE change "
           f"{res['bf16_clean_ce_delta']:+.4f} nats")
+    if args.ranks > 1:
+        res["ranks"] = multi_rank(args, hook.name, str(device))
     if args.json:
         Path(args.json).write_text(json.dumps(res, indent=2) + "\n")
+
+
+def multi_rank(args, hook: str, device: str) -> dict:
+    """``saelab harvest --nproc N`` against one process, through the CLI (section 5)."""
+    data = DataConfig()
+    T = data.context_size
+    # one LM batch per block, so N ranks share the windows evenly
+    shard_rows = args.batch * T
+    tokens = int(0.95 * args.ranks_windows * (T - 1))
+    threads = torch.get_num_threads()
+    out = {"ranks": args.ranks, "windows": args.ranks_windows, "tokens": tokens}
+    with tempfile.TemporaryDirectory() as tmp:
+        stores = {}
+        for label, nproc in (("one_process", 1), (f"{args.ranks}_ranks", args.ranks)):
+            path = Path(tmp) / label
+            env = {**os.environ, "OMP_NUM_THREADS": str(max(1, threads // nproc))}
+            cmd = [sys.executable, "-m", "saelab", "harvest", "--quiet", "--hook", hook,
+                   "--device", device, "--tokens", str(tokens), "--shard-rows", str(shard_rows),
+                   "--lm-batch-size", str(args.batch), "--out", str(path)]
+            if nproc > 1:
+                cmd += ["--nproc", str(nproc)]
+            t0 = time.perf_counter()
+            subprocess.run(cmd, check=True, env=env, stdout=subprocess.DEVNULL)
+            wall = time.perf_counter() - t0
+            store = stores[label] = ActivationStore.open(path)
+            secs = store.manifest["harvest_stats"]["seconds"]
+            out[label] = {"tokens_per_s": store.num_rows / secs, "wall_s": wall,
+                          "threads_per_process": env["OMP_NUM_THREADS"]}
+            print(f"{label:12s} {store.num_rows / secs:8,.0f} tok/s (harvest clock), "
+                  f"wall {wall:6.1f} s incl. start + model load")
+        one, many = stores.values()
+        a = torch.cat([one.read_shard(i)["acts"] for i in range(len(one.shards))])
+        b = torch.cat([many.read_shard(i)["acts"] for i in range(len(many.shards))])
+        out["same_rows"] = bool(a.shape == b.shape and torch.allclose(a, b, atol=1e-4))
+        out["speedup"] = (out[f"{args.ranks}_ranks"]["tokens_per_s"]
+                          / out["one_process"]["tokens_per_s"])
+    print(f"{args.ranks} ranks / one process: {out['speedup']:.2f}x (harvest clock); "
+          f"same rows: {out['same_rows']}")
+    return out
 
 
 if __name__ == "__main__":
