@@ -19,6 +19,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
+from saelab.saes._relu_kernel import ReLUTrain
 from saelab.saes.base import SAE, LossOutput
 from saelab.saes.registry import register
 
@@ -69,20 +70,23 @@ class ReLUSAE(SAE):
         return torch.relu(self.pre_acts(x_BD))
 
     def loss(self, x_BD: Tensor, step: int, **_: Tensor | None) -> LossOutput:
-        f_BF = self.encode(x_BD)
-        recon_BD = self.decode(f_BF)
+        # encode + decode + the L1 column sums in one Function (_relu_kernel): same values and
+        # gradients as autograd through encode()/decode(), fewer [B, F] passes
+        f_BF, recon_BD, colsum_F = ReLUTrain.apply(x_BD, self.W_enc, self.b_enc, self.b_dec,
+                                                   self.W_dec, bool(self.cfg.apply_b_dec_to_input))
         mse = (recon_BD - x_BD).pow(2).sum(-1).mean()
+        B = x_BD.shape[0]
         if self.cfg.variant == "april":
-            # Norm-weighted L1, mean over rows of Σ_F f_F‖d_F‖: summing f over the batch first
-            # makes its gradient an expanded [F] row instead of a materialised [B, F] outer product
-            sparsity = f_BF.sum(0) @ self.W_dec.norm(dim=1).to(f_BF.dtype) / f_BF.shape[0]
+            # norm-weighted L1, mean over rows of Σ_F f_F‖d_F‖ = (Σ_b f) · ‖d‖ / B
+            sparsity = colsum_F @ self.W_dec.norm(dim=1) / B
         else:
-            sparsity = f_BF.sum(-1).mean()
+            sparsity = colsum_F.sum() / B
         lam = self.cfg.l1_coefficient * self.sparsity_scale(step)
         total = mse + lam * sparsity
-        # f ≥ 0, so "fired" is one column-max pass (the tracker's generic |f| > 0 test is three)
-        return LossOutput(total, {"mse": mse, "l1": sparsity}, f_BF, recon_BD,
-                          fired_F=self.fired_dense(f_BF, nonneg=True))
+        # f ≥ 0: a latent fired iff its column sum is positive (no pass over f)
+        fired_F = (colsum_F.detach() > 0 if self.dead_eps <= 0
+                   else self.fired_dense(f_BF, nonneg=True))
+        return LossOutput(total, {"mse": mse, "l1": sparsity}, f_BF, recon_BD, fired_F=fired_F)
 
     def bias_names(self) -> tuple[str, ...]:
         return ("b_dec", "b_enc")
