@@ -16,6 +16,10 @@ With ``with_grads`` the LM runs forward *and* backward (:func:`lm_loss_grads`) a
 also holds the LM-loss gradient at the hook for every stored row. A store with grads is a
 superset of one without: it is reused (and continued with grads) for a request without them;
 a store without grads is refused for a request with them.
+
+Under torchrun (``saelab harvest --nproc N``) every rank runs the LM on its own blocks of
+batches and writes their shards; rank 0 holds the locks and writes the one manifest
+(:func:`_harvest_ranks`). The store holds the same rows as a one-process harvest.
 """
 
 from __future__ import annotations
