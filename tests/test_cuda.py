@@ -36,3 +36,25 @@ def test_auto_model_dtype_on_cuda():
     assert dtype in (torch.bfloat16, torch.float32)
     if not torch.cuda.is_bf16_supported():
         assert dtype == torch.float32
+
+
+def test_cuda_fused_relu_and_auxk_gradients_match_cpu():
+    """The fused ReLU step (_relu_kernel) and AuxK's dense regime (_DeadColumnsDecode) give the
+    CPU's float64 loss and gradients on the GPU."""
+    from saelab.saes.sparse import SparsePreActs, auxk_loss
+
+    def grads(device: str) -> list[torch.Tensor]:
+        g = torch.Generator().manual_seed(0)
+        sae = build_sae(SAEConfig(architecture="relu", d_in=D, d_sae=F), dtype=torch.float64,
+                        generator=torch.Generator().manual_seed(1)).to(device)
+        x = torch.randn(B, D, generator=g, dtype=torch.float64).to(device)
+        dead = (torch.arange(F) % 3 == 0).to(device)
+        resid = torch.randn(B, D, generator=g, dtype=torch.float64).to(device)
+        params = [sae.W_enc, sae.b_enc, sae.b_dec, sae.W_dec]
+        aux = auxk_loss(SparsePreActs(x, sae.W_enc, sae.b_enc, sae.b_dec), resid, sae.W_dec,
+                        dead, k_aux=F // 3)  # k_aux = n_dead: the dense regime
+        total = sae.loss(x, step=10**6).total + aux
+        return [t.cpu() for t in (total, *torch.autograd.grad(total, params))]
+
+    for a, b in zip(grads("cuda"), grads("cpu"), strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-10)
