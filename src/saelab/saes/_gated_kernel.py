@@ -30,7 +30,7 @@ class GatedEncode(torch.autograd.Function):
         pi_mag_BF = torch.addcmul(b_mag_F.to(cd), h_BF, scale_F.to(cd))
         # f = ReLU(π_mag) where π_gate > 0 (⇔ gate > 0): threshold_backward(v, m, 0) is
         # "v where m > 0, else 0" in one vectorised pass, with no boolean mask kept
-        f_BF = _where_positive(pi_mag_BF.relu_(), gate_BF)
+        f_BF = _where_positive(pi_mag_BF.relu_(), gate_BF, out=pi_mag_BF)
         ctx.sub_b_dec = sub_b_dec
         dev = x_BD.device.type
         # the backward runs outside the caller's autocast region: replay it there, so its
@@ -65,7 +65,8 @@ class GatedEncode(torch.autograd.Function):
         d_r_F = (ones_B @ (d_mag_BF * h_BF)).to(pd) * scale_F
         d_b_mag_F = (ones_B @ d_mag_BF).to(pd)
         d_b_gate_F = (ones_B @ d_gate_BF).to(pd)
-        d_h_BF = torch.addcmul(d_gate_BF, d_mag_BF, scale_F.to(cd))
+        # d_gate's own buffer (made above, its column sum taken): no further [B, F] allocation
+        d_h_BF = d_gate_BF.addcmul_(d_mag_BF, scale_F.to(cd))
         d_W_DF = (x_BD.T @ d_h_BF).to(pd)
         d_b_dec_D = None
         if ctx.sub_b_dec:
@@ -75,6 +76,9 @@ class GatedEncode(torch.autograd.Function):
         return None, d_W_DF, d_b_dec_D, d_b_gate_F, d_r_F, d_b_mag_F, None
 
 
-def _where_positive(v_BF: Tensor, m_BF: Tensor) -> Tensor:
-    """``v`` where ``m > 0``, else 0 (ReLU's backward kernel; no mask tensor is built)."""
-    return torch.ops.aten.threshold_backward(v_BF, m_BF, 0)
+def _where_positive(v_BF: Tensor, m_BF: Tensor, out: Tensor | None = None) -> Tensor:
+    """``v`` where ``m > 0``, else 0 (ReLU's backward kernel; no mask tensor is built), into
+    ``out`` if given (it may be ``v`` itself: elementwise)."""
+    if out is None:
+        return torch.ops.aten.threshold_backward(v_BF, m_BF, 0)
+    return torch.ops.aten.threshold_backward.grad_input(v_BF, m_BF, 0, grad_input=out)
