@@ -581,7 +581,7 @@ def _from_main(fn: Callable[[], object]) -> object:
     if dist.is_main():
         try:
             box[0] = ("ok", fn())
-        except SaelabError as e:
+        except (SaelabError, OSError) as e:  # OSError: rank 0 reports it as NotWritableError
             box[0] = ("error", str(e))
             torch.distributed.broadcast_object_list(box, src=0)
             raise
@@ -608,28 +608,30 @@ def _harvest_ranks(cfg: HarvestConfig, progress: bool, lm: LoadedModel | None
     with contextlib.ExitStack() as locks:
         opened: dict = {}
 
-        def check() -> tuple[list[str], bool]:
+        def check() -> list[str]:
             ready, existing = _lock_and_check(cfg, paths, outlier_hooks, locks)
-            opened.update(ready=ready, existing=existing)
-            return sorted(ready), any(s is not None and s.has_grads for s in existing.values())
+            opened["existing"] = existing
+            return sorted(ready)
 
-        ready_names, _ = _from_main(check)
+        ready_names = _from_main(check)
         if len(ready_names) < len(names):
             lm = lm or load_model(cfg.model)
             ready = set(ready_names)
 
             def open_all() -> tuple:
-                slots, _, with_grads, _, first = _open(cfg, paths, opened["existing"], ready,
-                                                       outlier_hooks, lm)
-                opened["slots"] = slots
+                slots, _, with_grads, windows, first = _open(cfg, paths, opened["existing"],
+                                                             ready, outlier_hooks, lm)
+                opened.update(slots=slots, windows=windows)
                 return first, with_grads, {n: replace(s, writer=None)
                                            for n, s in slots.items()}
 
             with _not_writable(cfg):
                 first, with_grads, states = _from_main(open_all)
+                # rank 0 keeps its writers and the corpus it already opened; the others
+                # take the slots' state and open the corpus at the same window
                 slots = opened.get("slots") or states
+                windows = opened.get("windows") or _corpus_windows(cfg, lm, first)
                 needed = _needed(cfg, lm, ready, outlier_hooks)
-                windows = _corpus_windows(cfg, lm, first)
                 try:
                     _fill_ranks(cfg, lm, list(slots.values()), needed, windows, first,
                                 with_grads, progress)

@@ -530,7 +530,6 @@ class StoreWriter:
         windows_WT, keep_WT, rows = _shard_rows(self.spec, windows_WT, keep_WT, acts_ND,
                                                 grads_ND, self._next_window)
         counts_W = keep_WT.sum(dim=1)
-        windows_WT = windows_WT.to(torch.int32)
         cum_W = counts_W.cumsum(0)
         w0 = r0 = 0
         while w0 < len(windows_WT):
@@ -586,7 +585,6 @@ class StoreWriter:
         self.manifest["exhausted"] = exhausted
         self._write_manifest()
         return ActivationStore.open(self.path)
-
 
 
 def _shard_rows(spec: StoreSpec, windows_WT: Tensor, keep_WT: Tensor, acts_ND: Tensor,

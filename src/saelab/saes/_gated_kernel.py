@@ -30,7 +30,7 @@ class GatedEncode(torch.autograd.Function):
         pi_mag_BF = torch.addcmul(b_mag_F.to(cd), h_BF, scale_F.to(cd))
         # f = ReLU(π_mag) where π_gate > 0 (⇔ gate > 0): threshold_backward(v, m, 0) is
         # "v where m > 0, else 0" in one vectorised pass, with no boolean mask kept
-        f_BF = _where_positive(pi_mag_BF.relu_(), gate_BF, out=pi_mag_BF)
+        f_BF = where_positive(pi_mag_BF.relu_(), gate_BF, out=pi_mag_BF)
         ctx.sub_b_dec = sub_b_dec
         dev = x_BD.device.type
         # the backward runs outside the caller's autocast region: replay it there, so its
@@ -52,11 +52,11 @@ class GatedEncode(torch.autograd.Function):
         # dπ_mag = grad_f on active latents (f > 0 exactly there); dπ_gate = grad_gate where
         # π_gate > 0
         if grad_f_BF is not None:
-            d_mag_BF = _where_positive(grad_f_BF.to(cd), f_BF)
+            d_mag_BF = where_positive(grad_f_BF.to(cd), f_BF)
         else:
             d_mag_BF = torch.zeros_like(h_BF)
         if grad_gate_BF is not None:
-            d_gate_BF = _where_positive(grad_gate_BF.to(cd), gate_BF)
+            d_gate_BF = where_positive(grad_gate_BF.to(cd), gate_BF)
         else:
             d_gate_BF = torch.zeros_like(h_BF)
         # column sums as BLAS gemv (ones @ M): ~3x faster than .sum(0) on a 2-core CPU
@@ -76,7 +76,7 @@ class GatedEncode(torch.autograd.Function):
         return None, d_W_DF, d_b_dec_D, d_b_gate_F, d_r_F, d_b_mag_F, None
 
 
-def _where_positive(v_BF: Tensor, m_BF: Tensor, out: Tensor | None = None) -> Tensor:
+def where_positive(v_BF: Tensor, m_BF: Tensor, out: Tensor | None = None) -> Tensor:
     """``v`` where ``m > 0``, else 0 (ReLU's backward kernel; no mask tensor is built), into
     ``out`` if given (it may be ``v`` itself: elementwise)."""
     if out is None:

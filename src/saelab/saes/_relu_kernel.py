@@ -13,6 +13,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from saelab.saes._gated_kernel import where_positive
+
 
 class ReLUTrain(torch.autograd.Function):
     """``(f, x̂, Σ_b f)`` of ``f = ReLU((x − b_dec·[sub]) W_enc + b_enc)``, ``x̂ = f W_dec + b_dec``.
@@ -54,8 +56,8 @@ class ReLUTrain(torch.autograd.Function):
         Wt_DF = W_dec_FD.T.to(cd)
         # ∂L/∂f = g W_decᵀ + (the L1 row); then ReLU's backward (f > 0 exactly where it passes)
         df_BF = g_cd @ Wt_DF if g_F is None else torch.addmm(g_F.to(cd), g_cd, Wt_DF)
-        # in place (the out= form aliasing its input): no second [B, F] buffer to fault in
-        dpre_BF = torch.ops.aten.threshold_backward.grad_input(df_BF, f_BF, 0, grad_input=df_BF)
+        # in place: no second [B, F] buffer to fault in
+        dpre_BF = where_positive(df_BF, f_BF, out=df_BF)
         dW_dec = (f_BF.T @ g_cd).to(pd)
         ones_B = f_BF.new_ones(B)
         db_enc = (ones_B @ dpre_BF).to(pd)

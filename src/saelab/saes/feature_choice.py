@@ -12,7 +12,7 @@ from saelab import dist
 from saelab.saes._choice_base import ChoiceOptions, ZipfUsageMixin
 from saelab.saes._topk_base import ThresholdedBatchSAE
 from saelab.saes.registry import register
-from saelab.saes.sparse import SparseCode
+from saelab.saes.sparse import SparseCode, ragged_code
 
 #: (first rank, end rank, largest capacity) of a group of ranks selected with one topk
 Bucket = tuple[int, int, int]
@@ -165,10 +165,7 @@ class FeatureChoiceSAE(ZipfUsageMixin, ThresholdedBatchSAE):
                 est_F = torch.where(cap_F > 0, tau_F, dist.all_reduce_max(acts_BF.amax(0)))
             self.update_threshold(est_F)
         idx = ((acts_BF >= tau_F) & (acts_BF > 0)).nonzero()  # row-major: grouped by row
-        counts = torch.bincount(idx[:, 0], minlength=B)
-        offsets = torch.zeros(B + 1, dtype=torch.long, device=pre_BF.device)
-        torch.cumsum(counts, 0, out=offsets[1:])
-        code = SparseCode(idx[:, 1], torch.relu(pre_BF)[idx[:, 0], idx[:, 1]], offsets)
+        code = ragged_code(idx, torch.relu(pre_BF)[idx[:, 0], idx[:, 1]], B)
         self.track_firing(code, B)
         return code
 

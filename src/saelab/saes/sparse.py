@@ -176,7 +176,7 @@ class _SelectedPreActs(torch.autograd.Function):
             vals = pre_BF[SparseCode(idx, idx, offsets).rows(), idx]
         # under autocast π is bf16; the selected values join the float32 graph
         vals = vals.to(W_DF.dtype)
-        ctx.has_b_enc, ctx.has_b_dec = b_enc_F is not None, b_dec_D is not None
+        ctx.has_b_dec = b_dec_D is not None
         ctx.save_for_backward(x_BD, W_DF, b_dec_D, idx, offsets)
         return vals
 
@@ -225,7 +225,7 @@ class _DeadColumnsDecode(torch.autograd.Function):
         cd = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else W_dec_FD.dtype
         z_BN = p_BN.to(cd) * m_BN.to(cd)
         Wd_ND = W_dec_FD.index_select(0, cols).to(cd)
-        ctx.cd, ctx.has_b_enc, ctx.has_b_dec = cd, b_enc_F is not None, b_dec_D is not None
+        ctx.cd, ctx.has_b_dec = cd, b_dec_D is not None
         ctx.save_for_backward(x_BD, W_enc_DF, b_dec_D, cols, m_BN, z_BN, Wd_ND)
         return (z_BN @ Wd_ND).to(W_dec_FD.dtype)
 
@@ -369,10 +369,16 @@ def topk_per_global_batch(acts_BF: Tensor, k_total: int, relu: bool = False) -> 
     vals = acts_BF[idx[:, 0], idx[:, 1]]
     if relu:
         vals = torch.relu(vals)
-    counts = torch.bincount(idx[:, 0], minlength=acts_BF.shape[0])
-    offsets = torch.zeros(acts_BF.shape[0] + 1, dtype=torch.long, device=acts_BF.device)
+    return ragged_code(idx, vals, acts_BF.shape[0])
+
+
+def ragged_code(idx_N2: Tensor, vals_N: Tensor, batch: int) -> SparseCode:
+    """Ragged ``SparseCode`` from ``(row, latent)`` pairs already grouped by row (the order of
+    ``mask.nonzero()``) and their values."""
+    counts = torch.bincount(idx_N2[:, 0], minlength=batch)
+    offsets = torch.zeros(batch + 1, dtype=torch.long, device=idx_N2.device)
     torch.cumsum(counts, 0, out=offsets[1:])
-    return SparseCode(idx[:, 1], vals, offsets)
+    return SparseCode(idx_N2[:, 1], vals_N, offsets)
 
 
 def _topk_flat(v_N: Tensor, k: int, chunk: int = 8) -> tuple[Tensor, Tensor]:
