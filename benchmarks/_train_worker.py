@@ -15,6 +15,8 @@ Every contender trains on the same rows (``--rows``: a safetensors file with ``r
 cycling through them one batch per step, with the library's own defaults unless stated.
 ``--dead-fraction f`` marks the same fixed f·d_sae latents dead in the library's *own*
 dead-latent counter before every step, so its AuxK loss runs (the set-up is not timed).
+``--warmup N`` untimed training steps come first; ``--run-steps`` is the run length saelab's
+schedules assume (the L1 warm-up is 5% of it).
 """
 
 from __future__ import annotations
@@ -42,7 +44,7 @@ def _dead_idx(d_sae: int, fraction: float) -> torch.Tensor:
 
 # ---- saelab -----------------------------------------------------------------------------------
 def saelab_step(arch: str, rows: torch.Tensor, batch: int, dead_fraction: float,
-                autocast: str = "auto", lr: float | None = None):
+                autocast: str = "auto", lr: float | None = None, run_steps: int = 10**6):
     from saelab.config import SAEConfig, TrainConfig
     from saelab.saes.registry import build_sae, with_family
     from saelab.train.trainer import Trainer
@@ -51,7 +53,7 @@ def saelab_step(arch: str, rows: torch.Tensor, batch: int, dead_fraction: float,
     sae = build_sae(with_family(SAEConfig(architecture=arch, d_in=rows.shape[1], d_sae=D_SAE,
                                           options={"k": K}), strict=False))
     sae.init_from_data(rows[:batch])
-    tr = Trainer(sae, TrainConfig(tokens=batch * 10**6, batch_size=batch, log_every=10**9,
+    tr = Trainer(sae, TrainConfig(tokens=batch * run_steps, batch_size=batch, log_every=10**9,
                                   checkpoint_every=0, autocast=autocast, lr=lr),
                  progress=False)
     dead = _dead_idx(D_SAE, dead_fraction)
@@ -64,6 +66,7 @@ def saelab_step(arch: str, rows: torch.Tensor, batch: int, dead_fraction: float,
         tr.step += 1
 
     step.recon = lambda x: sae(x).recon
+    step.sae = sae
     return step, prepare
 
 
@@ -198,7 +201,8 @@ def saelens_step(arch: str, rows: torch.Tensor, batch: int, dead_fraction: float
 
 
 def build(name: str, rows: torch.Tensor, batch: int, dead_fraction: float,
-          lr: float | None = None, lr_warmup: int = 1000) -> tuple[Callable, Callable | None]:
+          lr: float | None = None, lr_warmup: int = 1000,
+          run_steps: int = 10**6) -> tuple[Callable, Callable | None]:
     """``lib/arch[@precision]``: ``@fp32`` / ``@bf16`` pin the SAE's precision (saelab: its
     ``--autocast off|bf16``; baselines: their own bf16 autocast); no suffix: the library's
     default (saelab: ``--autocast auto``; baselines: float32 on a CPU)."""
@@ -207,7 +211,7 @@ def build(name: str, rows: torch.Tensor, batch: int, dead_fraction: float,
     bf16 = precision == "bf16"
     if lib == "saelab":
         mode = {"": "auto", "fp32": "off", "bf16": "bf16"}[precision]
-        return saelab_step(arch, rows, batch, dead_fraction, mode, lr)
+        return saelab_step(arch, rows, batch, dead_fraction, mode, lr, run_steps)
     if lib == "ceiling":
         return ceiling_step(rows, batch, torch.bfloat16 if bf16 else torch.float32)
     if lib == "sparsify":
@@ -228,6 +232,8 @@ def main() -> None:
     ap.add_argument("--lr", type=float, default=None, help="saelab: override the family's LR")
     ap.add_argument("--sparsify-lr-warmup", type=int, default=1000,
                     help="sparsify: LR warm-up steps (its default 1000)")
+    ap.add_argument("--run-steps", type=int, default=10**6,
+                    help="saelab: the length of the run its schedules (LR, L1 warm-up) assume")
     args = ap.parse_args()
 
     torch.set_num_threads(args.threads)
@@ -239,15 +245,21 @@ def main() -> None:
     batches = [rows[i * args.batch:(i + 1) * args.batch] for i in range(n_batches)]
     t0 = time.perf_counter()
     step, prepare = build(args.contender, rows, args.batch, args.dead_fraction, args.lr,
-                          args.sparsify_lr_warmup)
+                          args.sparsify_lr_warmup, args.run_steps)
     i = 0
     for _ in range(args.warmup):
         if prepare is not None:
             prepare()
         step(batches[i % n_batches])
         i += 1
-    _emit({"ready": True, "setup_seconds": time.perf_counter() - t0,
-           "torch": torch.__version__, "threads": torch.get_num_threads()})
+    ready = {"ready": True, "setup_seconds": time.perf_counter() - t0,
+             "torch": torch.__version__, "threads": torch.get_num_threads()}
+    sae = getattr(step, "sae", None)
+    if sae is not None:  # the code's density where timing starts (the L1 families' cost)
+        with torch.no_grad():
+            f = sae.encode(batches[i % n_batches])
+        ready["density"] = float((f != 0).float().mean())
+    _emit(ready)
     for line in sys.stdin:
         cmd = line.split()
         if not cmd or cmd[0] == "quit":

@@ -36,6 +36,14 @@ warms up, then in each of ``--rounds`` rounds each contender (in rotated order) 
 column is the interquartile range of its step times over the median, and each ratio is also
 given as the range of per-round ratios, so noise is visible.
 
+Trained state. saelab's relu and gated switch to a sparse training path once their code is
+sparse (``saes/sparse.py: sparse_code_density``), which is most of a real run (L0 falls below
+~2.5% of d_sae within ~100 steps of the 5% L1 warm-up). They are timed after ``--l1-warmup``
+(150) untimed training steps of a ``--l1-run-steps`` (2000) step run, and the table gives each
+such contender's code density where timing starts. The other contenders' step costs do not
+depend on the weights (dense matmuls and elementwise passes throughout, or a fixed k), so they
+are timed after ``--warmup`` steps from their initialisation.
+
 Precision: ``name@fp32`` / ``name@bf16`` (see ``DEFAULT``). saelab's ``--autocast auto`` (the
 default) trains the TopK family and relu as ``@bf16`` where bf16 matmuls are fast, which the
 header line reports; every ratio names both sides' precision.
@@ -93,6 +101,8 @@ TARGETS = (
     ("saelab/batchtopk@bf16", "sae_lens/batchtopk", None, "BatchTopK bf16-π vs SAELens"),
     ("saelab/relu@fp32", "sae_lens/relu", None, "ReLU vs SAELens, fp32"),
 )
+#: saelab contenders timed after --l1-warmup training steps (their cost depends on the density)
+L1_FAMILIES = ("saelab/relu", "saelab/gated")
 #: glibc equivalent of saelab.runtime.tune_malloc()
 TUNED_MALLOC = "glibc.malloc.mmap_max=0:glibc.malloc.trim_threshold=2147483647:" \
                "glibc.malloc.top_pad=67108864"
@@ -203,8 +213,14 @@ def start(name: str, python: str, rows_path: Path, args, extra: tuple[str, ...] 
     env.pop("GLIBC_TUNABLES", None)
     if args.malloc == "tuned":
         env["GLIBC_TUNABLES"] = TUNED_MALLOC
+    warmup = args.warmup
+    if base.split("@")[0] in L1_FAMILIES:
+        # their step cost falls with the code's density (the sparse path): time them at a
+        # trained density, after the L1 warm-up of a --l1-run-steps run
+        warmup = max(warmup, args.l1_warmup)
+        extra = ("--run-steps", str(args.l1_run_steps), *extra)
     cmd = [python, str(WORKER), "--contender", base, "--rows", str(rows_path), "--batch",
-           str(BATCH), "--threads", str(args.threads), "--warmup", str(args.warmup),
+           str(BATCH), "--threads", str(args.threads), "--warmup", str(warmup),
            "--dead-fraction", str(dead), *extra]
     log = rows_path.with_name(name.replace("/", "_") + ".log")
     with open(log, "w") as err:
@@ -223,15 +239,18 @@ def _q(xs: list[float], q: float) -> float:
 
 def report(workers: dict[str, Worker], header: str) -> dict:
     print(header)
-    print(f"{'contender':22s} {'tokens/s':>10s} {'ms/step':>9s} {'spread':>7s} {'steps':>5s}")
+    print(f"{'contender':22s} {'tokens/s':>10s} {'ms/step':>9s} {'spread':>7s} {'steps':>5s}"
+          f" {'density':>8s}")
     res = {}
     for name, w in workers.items():
         med = statistics.median(w.times)
         iqr = (_q(w.times, 0.75) - _q(w.times, 0.25)) / med
+        dens = w.info.get("density") if name.split("@")[0] in L1_FAMILIES else None
         res[name] = {"tokens_per_second": BATCH / med, "median_step_seconds": med,
-                     "iqr_over_median": iqr, "steps": len(w.times), "round_medians": w.rounds}
+                     "iqr_over_median": iqr, "steps": len(w.times), "round_medians": w.rounds,
+                     "code_density": dens}
         print(f"{name:22s} {BATCH / med:10,.0f} {1e3 * med:9.1f} {100 * iqr:6.1f}% "
-              f"{len(w.times):5d}")
+              f"{len(w.times):5d} {'' if dens is None else f'{100 * dens:7.2f}%'}")
     print()
     print(f"{'ratio':34s} {'median':>7s} {'per-round range':>16s} {'target':>7s}  met")
     ratios = {}
@@ -258,6 +277,11 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--steps", type=int, default=2, help="timed steps per contender per round")
     ap.add_argument("--warmup", type=int, default=2)
+    ap.add_argument("--l1-warmup", type=int, default=150,
+                    help="untimed training steps of saelab's relu/gated before timing (their "
+                         "sparse path runs once the code is sparse; 0: time them from init)")
+    ap.add_argument("--l1-run-steps", type=int, default=2000,
+                    help="the run length their schedules assume (L1 warm-up: 5%% of it)")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--malloc", choices=("tuned", "default"), default="tuned")
     ap.add_argument("--dead-fraction", type=float, default=0.25)
@@ -282,7 +306,9 @@ def main() -> None:
     header = (f"d_in {rows.shape[1]}, d_sae 4096, k 32, batch {BATCH}, fp32 parameters, "
               f"--autocast auto = {auto} here, {args.threads} "
               f"threads, malloc {args.malloc} for all, torch {torch.__version__}, rows: {source}; "
-              f"{args.rounds} rounds x {args.steps} steps after {args.warmup} warm-up")
+              f"{args.rounds} rounds x {args.steps} steps after {args.warmup} warm-up "
+              f"(saelab relu/gated: after {args.l1_warmup} training steps of a "
+              f"{args.l1_run_steps}-step run)")
     workers: dict[str, Worker] = {}
     with tempfile.TemporaryDirectory() as tmp:
         from safetensors.torch import save_file

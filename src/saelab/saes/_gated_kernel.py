@@ -17,16 +17,17 @@ class GatedEncode(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x_BD: Tensor, W_DF: Tensor, b_dec_D: Tensor, b_gate_F: Tensor,
-                r_mag_F: Tensor, b_mag_F: Tensor, sub_b_dec: bool):
-        if sub_b_dec:
-            h_BF = torch.addmm(-(b_dec_D @ W_DF), x_BD, W_DF)
-        else:
-            h_BF = x_BD @ W_DF
+                r_mag_F: Tensor, b_mag_F: Tensor, sub_b_dec: bool, h_BF: Tensor | None = None,
+                gate_BF: Tensor | None = None):
+        # h_BF / gate_BF: ``encoder_input`` / ``gate`` of these parameters, if the caller has them
+        if h_BF is None:
+            h_BF = encoder_input(x_BD, W_DF, b_dec_D if sub_b_dec else None)
         # under autocast h is bf16: keep every [B, F] pass in h's dtype (mixed-dtype
         # elementwise ops promote to float32 and take torch's slow casting loops)
         cd = h_BF.dtype
         scale_F = r_mag_F.exp()
-        gate_BF = torch.relu(h_BF + b_gate_F.to(cd))
+        if gate_BF is None:
+            gate_BF = gate(h_BF, b_gate_F)
         pi_mag_BF = torch.addcmul(b_mag_F.to(cd), h_BF, scale_F.to(cd))
         # f = ReLU(π_mag) where π_gate > 0 (⇔ gate > 0): threshold_backward(v, m, 0) is
         # "v where m > 0, else 0" in one vectorised pass, with no boolean mask kept
@@ -73,7 +74,19 @@ class GatedEncode(torch.autograd.Function):
             d_h_F = d_b_gate_F + scale_F * d_b_mag_F  # = d_h_BF.sum(0), by linearity
             d_W_DF.sub_(torch.outer(b_dec_D, d_h_F))
             d_b_dec_D = -(W_DF @ d_h_F)
-        return None, d_W_DF, d_b_dec_D, d_b_gate_F, d_r_F, d_b_mag_F, None
+        return None, d_W_DF, d_b_dec_D, d_b_gate_F, d_r_F, d_b_mag_F, None, None, None
+
+
+def encoder_input(x_BD: Tensor, W_DF: Tensor, b_dec_D: Tensor | None) -> Tensor:
+    """``h = (x − b_dec) W`` (``x W`` without ``b_dec``) as one GEMM with a folded bias."""
+    if b_dec_D is None:
+        return x_BD @ W_DF
+    return torch.addmm(-(b_dec_D @ W_DF), x_BD, W_DF)
+
+
+def gate(h_BF: Tensor, b_gate_F: Tensor) -> Tensor:
+    """``ReLU(π_gate) = ReLU(h + b_gate)`` in ``h``'s dtype."""
+    return (h_BF + b_gate_F.to(h_BF.dtype)).relu_()
 
 
 def where_positive(v_BF: Tensor, m_BF: Tensor, out: Tensor | None = None) -> Tensor:

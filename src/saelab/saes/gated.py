@@ -26,10 +26,11 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from saelab.saes._gated_kernel import GatedEncode
+from saelab.saes._gated_kernel import GatedEncode, encoder_input, gate
 from saelab.saes.base import SAE, LossOutput
 from saelab.saes.jumprelu import JumpReLUSAE
 from saelab.saes.registry import register
+from saelab.saes.sparse import SparsePreActs, sample_density, sparse_code_density
 
 
 @dataclass
@@ -52,6 +53,9 @@ class GatedSAE(SAE):
     }
     train_defaults = {"lr": 1e-3, "adam_beta1": 0.0}
     sweep_levels = (8.0, 4.0, 2.0)
+    #: train on the sparse code (:meth:`_loss_sparse`) below this fraction of open gates
+    #: (None: :func:`~saelab.saes.sparse.sparse_code_density`, by the code's dtype and device)
+    sparse_density: float | None = None
 
     def __init__(self, cfg, device=None, dtype=torch.float32):
         super().__init__(cfg, device=device, dtype=dtype)
@@ -81,8 +85,16 @@ class GatedSAE(SAE):
 
     def loss(self, x_BD: Tensor, step: int, **_: Tensor | None) -> LossOutput:
         # The Heaviside gate passes no gradient: W_gate/b_gate learn only from L1 and aux.
+        sub = bool(self.cfg.apply_b_dec_to_input)
+        with torch.no_grad():
+            h_BF = encoder_input(x_BD, self.W_enc, self.b_dec if sub else None)
+            gate_BF = gate(h_BF, self.b_gate)
+            below = sparse_code_density(gate_BF, self.sparse_density)
+            sparse = below > 0 and sample_density(gate_BF) < below
+        if sparse:
+            return self._loss_sparse(x_BD, step, h_BF, gate_BF)
         f_BF, gate_BF = GatedEncode.apply(x_BD, self.W_enc, self.b_dec, self.b_gate, self.r_mag,
-                                          self.b_mag, bool(self.cfg.apply_b_dec_to_input))
+                                          self.b_mag, sub, h_BF, gate_BF)
         recon_BD = self.decode(f_BF)
         mse = (recon_BD - x_BD).pow(2).sum(-1).mean()
 
@@ -99,6 +111,33 @@ class GatedSAE(SAE):
         # f ≥ 0, so "fired" is one column-max pass (the tracker's generic |f| > 0 test is three)
         return LossOutput(total, {"mse": mse, "l1": sparsity, "aux": aux}, f_BF, recon_BD,
                           fired_F=self.fired_dense(f_BF, nonneg=True))
+
+    def _loss_sparse(self, x_BD: Tensor, step: int, h_BF: Tensor, gate_BF: Tensor) -> LossOutput:
+        """:meth:`loss` once few gates are open: every term lives on the N entries with
+        ``π_gate > 0`` (``f`` is 0 elsewhere and so are the gradients of ``f`` and ``ReLU(π_gate)``),
+        so decoding and every gradient are sparse (``saes/sparse.py``), not [B, F] × D GEMMs.
+        Same values and gradients as the dense path (tested in float64)."""
+        B = x_BD.shape[0]
+        pre = SparsePreActs(x_BD, self.W_enc, None,
+                            self.b_dec if self.cfg.apply_b_dec_to_input else None, dense=h_BF)
+        code = pre.positive(gate_BF)
+        idx, h_N = code.idx, code.vals  # h_N: float32, with the sparse encoder backward
+        gate_N = torch.relu(h_N + self.b_gate[idx])
+        f_N = torch.relu(torch.addcmul(self.b_mag[idx], h_N, self.r_mag.exp()[idx]))
+        recon_BD = code._replace(vals=f_N).decode(self.W_dec) + self.b_dec
+        mse = (recon_BD - x_BD).pow(2).sum(-1).mean()
+        if self.cfg.variant == "paper":
+            sparsity = gate_N.sum() / B
+            aux_recon_BD = code._replace(vals=gate_N).decode(self.W_dec.detach()) + self.b_dec.detach()
+        else:
+            sparsity = (gate_N * self.W_dec.norm(dim=1)[idx]).sum() / B
+            aux_recon_BD = code._replace(vals=gate_N).decode(self.W_dec) + self.b_dec
+        aux = (aux_recon_BD - x_BD).pow(2).sum(-1).mean()
+        lam = self.cfg.l1_coefficient * self.sparsity_scale(step)
+        total = mse + lam * sparsity + aux
+        f_code = code._replace(vals=f_N.detach())
+        return LossOutput(total, {"mse": mse, "l1": sparsity, "aux": aux}, None, recon_BD,
+                          fired_F=self.fired_latents(f_code), l0=f_code.l0(B))
 
     def bias_names(self) -> tuple[str, ...]:
         return ("b_dec", "b_gate", "b_mag")

@@ -19,9 +19,10 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from saelab.saes._relu_kernel import ReLUTrain
+from saelab.saes._relu_kernel import ReLUTrain, relu_code
 from saelab.saes.base import SAE, LossOutput
 from saelab.saes.registry import register
+from saelab.saes.sparse import SparsePreActs, sample_density, sparse_code_density
 
 
 @dataclass
@@ -45,6 +46,9 @@ class ReLUSAE(SAE):
     # LR 1e-3, not the April recipe's 5e-5 [R]: that assumes ~200k steps; our budgets are ~500.
     train_defaults = {"lr": 1e-3, "adam_beta1": 0.9}
     sweep_levels = (10.0, 5.0, 2.5)
+    #: train on the sparse code below this fraction of active latents (:meth:`loss`)
+    #: (None: :func:`~saelab.saes.sparse.sparse_code_density`, by the code's dtype and device)
+    sparse_density: float | None = None
 
     def __init__(self, cfg, device=None, dtype=torch.float32):
         super().__init__(cfg, device=device, dtype=dtype)
@@ -70,12 +74,32 @@ class ReLUSAE(SAE):
         return torch.relu(self.pre_acts(x_BD))
 
     def loss(self, x_BD: Tensor, step: int, **_: Tensor | None) -> LossOutput:
-        # encode + decode + the L1 column sums in one Function (_relu_kernel): same values and
-        # gradients as autograd through encode()/decode(), fewer [B, F] passes
-        f_BF, recon_BD, colsum_F = ReLUTrain.apply(x_BD, self.W_enc, self.b_enc, self.b_dec,
-                                                   self.W_dec, bool(self.cfg.apply_b_dec_to_input))
-        mse = (recon_BD - x_BD).pow(2).sum(-1).mean()
+        sub = bool(self.cfg.apply_b_dec_to_input)
+        with torch.no_grad():
+            f_BF = relu_code(x_BD, self.W_enc, self.b_enc, self.b_dec if sub else None)
+            below = sparse_code_density(f_BF, self.sparse_density)
+            sparse = below > 0 and sample_density(f_BF) < below
         B = x_BD.shape[0]
+        if sparse:
+            # few latents active: decode and every gradient over the N active entries only
+            # (saes/sparse.py), not [B, F] × D GEMMs; same values and gradients
+            pre = SparsePreActs(x_BD, self.W_enc, self.b_enc, self.b_dec if sub else None,
+                                dense=f_BF)  # ReLU(π) is π at every entry it keeps
+            code = pre.positive()
+            recon_BD = code.decode(self.W_dec) + self.b_dec
+            colsum_F = code.vals.new_zeros(self.d_sae).index_add(0, code.idx, code.vals)
+            f_code = code._replace(vals=code.vals.detach())
+            fired_F, l0, f_BF = self.fired_latents(f_code), f_code.l0(B), None
+        else:
+            # decode + the L1 column sums in one Function (_relu_kernel): same values and
+            # gradients as autograd through encode()/decode(), fewer [B, F] passes
+            f_BF, recon_BD, colsum_F = ReLUTrain.apply(x_BD, self.W_enc, self.b_enc, self.b_dec,
+                                                       self.W_dec, sub, f_BF)
+            # f ≥ 0: a latent fired iff its column sum is positive (no pass over f)
+            fired_F = (colsum_F.detach() > 0 if self.dead_eps <= 0
+                       else self.fired_dense(f_BF, nonneg=True))
+            l0 = None
+        mse = (recon_BD - x_BD).pow(2).sum(-1).mean()
         if self.cfg.variant == "april":
             # norm-weighted L1, mean over rows of Σ_F f_F‖d_F‖ = (Σ_b f) · ‖d‖ / B
             sparsity = colsum_F @ self.W_dec.norm(dim=1) / B
@@ -83,10 +107,8 @@ class ReLUSAE(SAE):
             sparsity = colsum_F.sum() / B
         lam = self.cfg.l1_coefficient * self.sparsity_scale(step)
         total = mse + lam * sparsity
-        # f ≥ 0: a latent fired iff its column sum is positive (no pass over f)
-        fired_F = (colsum_F.detach() > 0 if self.dead_eps <= 0
-                   else self.fired_dense(f_BF, nonneg=True))
-        return LossOutput(total, {"mse": mse, "l1": sparsity}, f_BF, recon_BD, fired_F=fired_F)
+        return LossOutput(total, {"mse": mse, "l1": sparsity}, f_BF, recon_BD, fired_F=fired_F,
+                          l0=l0)
 
     def bias_names(self) -> tuple[str, ...]:
         return ("b_dec", "b_enc")

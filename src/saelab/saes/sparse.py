@@ -134,16 +134,11 @@ def scatter_rows(idx: Tensor, offsets: Tensor | None, weights: Tensor, rows_BD: 
     of an ``[N, D]`` product temporary (sparsify's encoder backward).
     """
     B, D = rows_BD.shape
-    flat = idx.reshape(-1)
-    perm = flat.argsort()
-    entry_rows = SparseCode(idx, idx, offsets).rows().reshape(-1)
-    crow = torch.zeros(n_out + 1, dtype=torch.long, device=idx.device)
-    torch.cumsum(torch.bincount(flat, minlength=n_out), 0, out=crow[1:])
+    perm, crow, col = _by_latent(idx, offsets, n_out)
     with warnings.catch_warnings():  # "sparse CSR support is in beta"
         warnings.simplefilter("ignore", UserWarning)
-        G = torch.sparse_csr_tensor(crow, entry_rows[perm],
-                                    weights.reshape(-1)[perm].to(rows_BD.dtype), (n_out, B),
-                                    check_invariants=False)
+        G = torch.sparse_csr_tensor(crow, col, weights.reshape(-1)[perm].to(rows_BD.dtype),
+                                    (n_out, B), check_invariants=False)
     out = rows_BD.new_empty((D, n_out) if transpose else (n_out, D))
     for a in range(0, D, _BLOCK):
         b = min(D, a + _BLOCK)
@@ -152,6 +147,24 @@ def scatter_rows(idx: Tensor, offsets: Tensor | None, weights: Tensor, rows_BD: 
             out[a:b].copy_(blk.T)
         else:
             out[:, a:b].copy_(blk)
+    return out
+
+
+def _by_latent(idx: Tensor, offsets: Tensor | None, n_out: int) -> tuple[Tensor, Tensor, Tensor]:
+    """``(perm, crow, col)``: the entries of a code sorted by latent (``perm``), as the CSR
+    structure of its ``[n_out, B]`` transpose. A training step scatters over the same code twice
+    (the decoder-weight and the encoder-weight gradient), so the argsort is kept on the ``idx``
+    tensor itself (codes are built fresh every step and never modified in place)."""
+    memo = getattr(idx, "_saelab_by_latent", None)
+    if memo is not None and memo[0] == n_out and memo[1] is offsets:
+        return memo[2]
+    flat = idx.reshape(-1)
+    perm = flat.argsort()
+    entry_rows = SparseCode(idx, idx, offsets).rows().reshape(-1)
+    crow = torch.zeros(n_out + 1, dtype=torch.long, device=idx.device)
+    torch.cumsum(torch.bincount(flat, minlength=n_out), 0, out=crow[1:])
+    out = (perm, crow, entry_rows[perm])
+    idx._saelab_by_latent = (n_out, offsets, out)
     return out
 
 
@@ -169,11 +182,14 @@ class _SelectedPreActs(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, pre_BF: Tensor, x_BD: Tensor, W_DF: Tensor, b_enc_F: Tensor | None,
-                b_dec_D: Tensor | None, idx: Tensor, offsets: Tensor | None) -> Tensor:
+                b_dec_D: Tensor | None, idx: Tensor, offsets: Tensor | None,
+                rows: Tensor | None = None) -> Tensor:
         if offsets is None:
             vals = pre_BF.gather(1, idx)
         else:
-            vals = pre_BF[SparseCode(idx, idx, offsets).rows(), idx]
+            if rows is None:
+                rows = SparseCode(idx, idx, offsets).rows()
+            vals = pre_BF[rows, idx]
         # under autocast π is bf16; the selected values join the float32 graph
         vals = vals.to(W_DF.dtype)
         ctx.has_b_dec = b_dec_D is not None
@@ -200,7 +216,7 @@ class _SelectedPreActs(torch.autograd.Function):
             d_bdec = -(W_DF @ s_F)
         if need[1]:
             dx = SparseCode(idx, g, offsets).decode(W_DF.T.contiguous())
-        return None, dx, dW, d_benc, d_bdec, None, None
+        return None, dx, dW, d_benc, d_bdec, None, None, None
 
 
 class _DeadColumnsDecode(torch.autograd.Function):
@@ -269,8 +285,11 @@ class SparsePreActs:
     """
 
     def __init__(self, x_BD: Tensor, W_enc_DF: Tensor, b_enc_F: Tensor | None = None,
-                 b_dec_D: Tensor | None = None):
+                 b_dec_D: Tensor | None = None, dense: Tensor | None = None):
         self.x_BD, self.W_enc_DF, self.b_enc_F, self.b_dec_D = x_BD, W_enc_DF, b_enc_F, b_dec_D
+        if dense is not None:  # π computed by the caller (detached)
+            self.dense = dense
+            return
         with torch.no_grad():
             bias_F = b_enc_F if b_enc_F is not None else None
             if b_dec_D is not None:
@@ -285,10 +304,19 @@ class SparsePreActs:
     def shape(self) -> torch.Size:
         return self.dense.shape
 
-    def gather(self, idx: Tensor, offsets: Tensor | None = None) -> Tensor:
-        """Differentiable π at the entries of a code (``SparseCode`` layout)."""
+    def gather(self, idx: Tensor, offsets: Tensor | None = None,
+               rows: Tensor | None = None) -> Tensor:
+        """Differentiable π at the entries of a code (``SparseCode`` layout; ``rows``: each
+        entry's row, if the caller has it)."""
         return _SelectedPreActs.apply(self.dense, self.x_BD, self.W_enc_DF, self.b_enc_F,
-                                      self.b_dec_D, idx, offsets)
+                                      self.b_dec_D, idx, offsets, rows)
+
+    def positive(self, src_BF: Tensor | None = None) -> SparseCode:
+        """Ragged code of the entries where ``src`` (default: π itself) is positive, grouped by
+        row, with differentiable values π there (the sparse training path of relu / gated)."""
+        nz = (self.dense if src_BF is None else src_BF).nonzero()
+        code = ragged_code(nz, nz[:, 1], self.dense.shape[0])
+        return code._replace(vals=self.gather(code.idx, code.offsets, nz[:, 0]))
 
     def decode_columns(self, cols: Tensor, m_BN: Tensor, W_dec_FD: Tensor,
                        p_BN: Tensor | None = None) -> Tensor:
@@ -370,6 +398,28 @@ def topk_per_global_batch(acts_BF: Tensor, k_total: int, relu: bool = False) -> 
     if relu:
         vals = torch.relu(vals)
     return ragged_code(idx, vals, acts_BF.shape[0])
+
+
+def sample_density(v_BF: Tensor, rows: int = 512) -> float:
+    """Fraction of nonzero entries in ~``rows`` evenly strided rows of ``v`` (one host sync):
+    enough to choose a training path, at a fraction of a full counting pass."""
+    v = v_BF[::max(1, v_BF.shape[0] // rows)]
+    return int(torch.count_nonzero(v)) / max(1, v.numel())
+
+
+def sparse_code_density(code_BF: Tensor, override: float | None = None) -> float:
+    """Density (fraction of ``[B, F]`` entries active) below which the L1 families (relu,
+    gated) train on the sparse code: decoding and every gradient then cost ~N·D random-row work
+    instead of ``[B, F] × D`` GEMMs. The crossover depends on how fast those GEMMs are: measured
+    on a 2-core AVX512-BF16 CPU at B = F = 4096, D = 576 at ~5% with bf16 GEMMs (autocast) and
+    ~15% in float32 (docs/methods.md §0.10); these defaults sit just below. Not measured on a
+    GPU, whose GEMMs are far faster than its gathers: dense there (0). ``override``, if not
+    None, is returned instead."""
+    if override is not None:
+        return override
+    if code_BF.device.type != "cpu":
+        return 0.0
+    return 1 / 8 if code_BF.dtype in (torch.float32, torch.float64) else 1 / 20
 
 
 def ragged_code(idx_N2: Tensor, vals_N: Tensor, batch: int) -> SparseCode:
