@@ -9,6 +9,10 @@ the same ``--eval-rows`` rows of the store (float32 evaluation), the relative FV
 (target: within 1%) and the training tokens/s. A family whose kernels are not autocast-aware is
 reported as unsupported. Make a store with e.g. ``saelab harvest --hook
 blocks.6.hook_resid_post --tokens 100000 --out STORE``.
+
+``--dense-too``: relu and gated are trained once more in each precision with their sparse
+training path switched off (``sparse_density = 0``, docs/methods.md §0.10), to show that the
+path changes the FVU by no more than precision does.
 """
 
 from __future__ import annotations
@@ -22,7 +26,22 @@ from pathlib import Path
 import torch
 
 
-def run(args, arch: str, mode: str, x_ND: torch.Tensor) -> dict:
+def run(args, arch: str, mode: str, x_ND: torch.Tensor, dense: bool = False) -> dict:
+    """:func:`fit_and_score`; ``dense``: with the family's sparse training path off."""
+    from saelab.saes.registry import get_family
+
+    family = get_family(arch)
+    saved = family.__dict__.get("sparse_density")
+    if dense:
+        family.sparse_density = 0.0
+    try:
+        return fit_and_score(args, arch, mode, x_ND)
+    finally:
+        if dense:
+            family.sparse_density = saved
+
+
+def fit_and_score(args, arch: str, mode: str, x_ND: torch.Tensor) -> dict:
     from saelab.config import RunConfig, SAEConfig, TrainConfig
     from saelab.data.store import ActivationStore
     from saelab.errors import ConfigError
@@ -61,6 +80,8 @@ def main() -> int:
     ap.add_argument("--batch", type=int, default=1024)
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--eval-rows", type=int, default=16_384)
+    ap.add_argument("--dense-too", action="store_true",
+                    help="relu/gated: also train with the sparse training path off")
     args = ap.parse_args()
     from saelab.data.store import ActivationStore
     from saelab.data.stream import sample_rows
@@ -81,6 +102,16 @@ def main() -> int:
                   f"({100 * row['rel_fvu_diff']:+.2f}%)   tokens/s fp32 "
                   f"{fp32['tokens_per_s']:,.0f}  bf16 {bf16['tokens_per_s']:,.0f}  "
                   f"(x{row['speedup']:.2f})", flush=True)
+        if args.dense_too and arch in ("relu", "gated"):
+            for mode, name in (("off", "fp32"), ("bf16", "bf16")):
+                d = run(args, arch, mode, x_ND, dense=True)
+                ref = row[name]
+                row[f"{name}_dense"] = d
+                print(f"{'':10s} {name} dense-only path: FVU {d['fvu']:.4f} (sparse path "
+                      f"{ref['fvu']:.4f}, {100 * (ref['fvu'] - d['fvu']) / d['fvu']:+.2f}%)  "
+                      f"tokens/s {d['tokens_per_s']:,.0f} (sparse path "
+                      f"{ref['tokens_per_s']:,.0f}, x{ref['tokens_per_s'] / d['tokens_per_s']:.2f})",
+                      flush=True)
         rows.append(row)
     print(json.dumps(rows))
     return 0
