@@ -3,6 +3,7 @@ batch B; rank 0 alone writes; an interrupted 2-rank run resumes to the same weig
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import socket
@@ -15,7 +16,7 @@ import torch.multiprocessing as mp
 from saelab import dist
 from saelab.config import RunConfig, SAEConfig, TrainConfig
 from saelab.data.store import ActivationStore, StoreSpec, StoreWriter
-from saelab.saes.registry import build_sae
+from saelab.saes.registry import build_sae, get_family
 
 D, T = 16, 17
 B, STEPS = 128, 12
@@ -30,7 +31,25 @@ CASES = {
     "feature_choice_zipf": ("feature_choice", {"k": 4, "capacity": "zipf"}),
     # 384 of the 1,536 tokens per window: 4 bias updates in the 12 steps
     "gba": ("gba", {"buffer_tokens": 384}),
+    # the sparse training path of the L1 families (docs/methods.md §0.10), forced on
+    "gated_sparse": ("gated", None),
+    "relu_sparse": ("relu", None),
 }
+FORCE_SPARSE = {"gated_sparse", "relu_sparse"}
+
+
+@contextlib.contextmanager
+def _training_path(case: str):
+    """Force the sparse training path for the FORCE_SPARSE cases (a class attribute)."""
+    if case not in FORCE_SPARSE:
+        yield
+        return
+    cls = get_family(CASES[case][0])
+    cls.sparse_density = 1.0
+    try:
+        yield
+    finally:
+        cls.sparse_density = None
 
 
 def _write_store(path: Path) -> ActivationStore:
@@ -85,7 +104,8 @@ def _worker(rank: int, world: int, port: int, jobs: list, result_dir: str) -> No
     torch.distributed.init_process_group("gloo", rank=rank, world_size=world)
     try:
         for name, cfg, stop_after in jobs:
-            state = _fit(cfg, stop_after)
+            with _training_path(name):
+                state = _fit(cfg, stop_after)
             torch.save(state, Path(result_dir) / f"{name}-rank{rank}.pt")
             torch.distributed.barrier()
     finally:
@@ -146,7 +166,10 @@ def test_two_ranks_match_one_process(store_path, tmp_path):
     (global firing frequencies), feature_choice with uniform and zipf capacities (global
     capacities, per-column selection and thresholds) and gba (global window statistics) after
     12 steps, fresh from the same seed."""
-    single = {a: _fit(_cfg(a, store_path, tmp_path / f"one-{a}")) for a in CASES}
+    single = {}
+    for a in CASES:
+        with _training_path(a):
+            single[a] = _fit(_cfg(a, store_path, tmp_path / f"one-{a}"))
     jobs = [(a, _cfg(a, store_path, tmp_path / f"two-{a}"), None) for a in CASES]
     two = _run_ranks(2, jobs, tmp_path)
     for a in CASES:
