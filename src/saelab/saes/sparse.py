@@ -139,15 +139,18 @@ def scatter_rows(idx: Tensor, offsets: Tensor | None, weights: Tensor, rows_BD: 
         warnings.simplefilter("ignore", UserWarning)
         G = torch.sparse_csr_tensor(crow, col, weights.reshape(-1)[perm].to(rows_BD.dtype),
                                     (n_out, B), check_invariants=False)
-    out = rows_BD.new_empty((D, n_out) if transpose else (n_out, D))
+    out = rows_BD.new_empty((n_out, D))
     for a in range(0, D, _BLOCK):
         b = min(D, a + _BLOCK)
-        blk = G @ rows_BD[:, a:b].contiguous()
-        if transpose:
-            out[a:b].copy_(blk.T)
-        else:
-            out[:, a:b].copy_(blk)
-    return out
+        out[:, a:b].copy_(G @ rows_BD[:, a:b].contiguous())
+    if not transpose:
+        return out
+    # transposed in row blocks: each [256, D] source block and its [D, 256] target stay in
+    # cache, unlike transposing each [n_out, _BLOCK] product as it is made
+    out_T = rows_BD.new_empty((D, n_out))
+    for a in range(0, n_out, 256):
+        out_T[:, a:a + 256].copy_(out[a:a + 256].T)
+    return out_T
 
 
 def _by_latent(idx: Tensor, offsets: Tensor | None, n_out: int) -> tuple[Tensor, Tensor, Tensor]:
