@@ -11,6 +11,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from saelab.saes.sparse import encoder_pre_acts
+
 
 class GatedEncode(torch.autograd.Function):
     """Returns ``(f, relu(π_gate))`` given ``x`` (no grad) and the encoder parameters."""
@@ -19,9 +21,10 @@ class GatedEncode(torch.autograd.Function):
     def forward(ctx, x_BD: Tensor, W_DF: Tensor, b_dec_D: Tensor, b_gate_F: Tensor,
                 r_mag_F: Tensor, b_mag_F: Tensor, sub_b_dec: bool, h_BF: Tensor | None = None,
                 gate_BF: Tensor | None = None):
-        # h_BF / gate_BF: ``encoder_input`` / ``gate`` of these parameters, if the caller has them
+        # h_BF / gate_BF: ``h = (x − b_dec) W`` / :func:`gate` of these parameters, if the
+        # caller has them
         if h_BF is None:
-            h_BF = encoder_input(x_BD, W_DF, b_dec_D if sub_b_dec else None)
+            h_BF = encoder_pre_acts(x_BD, W_DF, None, b_dec_D if sub_b_dec else None)
         # under autocast h is bf16: keep every [B, F] pass in h's dtype (mixed-dtype
         # elementwise ops promote to float32 and take torch's slow casting loops)
         cd = h_BF.dtype
@@ -75,13 +78,6 @@ class GatedEncode(torch.autograd.Function):
             d_W_DF.sub_(torch.outer(b_dec_D, d_h_F))
             d_b_dec_D = -(W_DF @ d_h_F)
         return None, d_W_DF, d_b_dec_D, d_b_gate_F, d_r_F, d_b_mag_F, None, None, None
-
-
-def encoder_input(x_BD: Tensor, W_DF: Tensor, b_dec_D: Tensor | None) -> Tensor:
-    """``h = (x − b_dec) W`` (``x W`` without ``b_dec``) as one GEMM with a folded bias."""
-    if b_dec_D is None:
-        return x_BD @ W_DF
-    return torch.addmm(-(b_dec_D @ W_DF), x_BD, W_DF)
 
 
 def gate(h_BF: Tensor, b_gate_F: Tensor) -> Tensor:

@@ -14,6 +14,7 @@ import torch
 from torch import Tensor
 
 from saelab.saes._gated_kernel import where_positive
+from saelab.saes.sparse import encoder_pre_acts
 
 
 class ReLUTrain(torch.autograd.Function):
@@ -25,9 +26,11 @@ class ReLUTrain(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x_BD: Tensor, W_enc_DF: Tensor, b_enc_F: Tensor, b_dec_D: Tensor,
                 W_dec_FD: Tensor, sub_b_dec: bool, f_BF: Tensor | None = None):
-        # f_BF: :func:`relu_code` of these parameters, if the caller has it
+        # f_BF: ``f`` of these parameters, if the caller has it
         if f_BF is None:
-            f_BF = relu_code(x_BD, W_enc_DF, b_enc_F, b_dec_D if sub_b_dec else None)
+            # ReLU in place: the GEMM keeps only its inputs
+            f_BF = encoder_pre_acts(x_BD, W_enc_DF, b_enc_F,
+                                    b_dec_D if sub_b_dec else None).relu_()
         pd = W_dec_FD.dtype
         recon_BD = (f_BF @ W_dec_FD).to(pd) + b_dec_D
         colsum_F = (f_BF.new_ones(f_BF.shape[0]) @ f_BF).to(pd)
@@ -69,9 +72,3 @@ class ReLUTrain(torch.autograd.Function):
             db_dec = db_dec - W_enc_DF @ db_enc
         return None, dW_enc, db_enc, db_dec, dW_dec, None, None
 
-
-def relu_code(x_BD: Tensor, W_enc_DF: Tensor, b_enc_F: Tensor, b_dec_D: Tensor | None) -> Tensor:
-    """``f = ReLU((x − b_dec) W_enc + b_enc)`` (no ``b_dec`` if None): one ``addmm`` with the
-    folded bias, ReLU in place (the GEMM keeps only its inputs)."""
-    bias_F = b_enc_F if b_dec_D is None else b_enc_F - b_dec_D @ W_enc_DF
-    return torch.addmm(bias_F, x_BD, W_enc_DF).relu_()

@@ -42,6 +42,7 @@ from saelab.saes.sparse import (
     SparsePreActs,
     attach_grad,
     auxk_loss,
+    encoder_pre_acts,
     normalized_mse,
     topk_per_global_batch,
     topk_per_token,
@@ -190,10 +191,8 @@ class TopKBaseSAE(AuxKMixin, SAE):
 
         One ``addmm`` with the folded bias ``b_enc − b_dec W_enc``: no [B, D] or extra [B, F]
         pass, and b_dec's gradient stays a matrix-vector product."""
-        bias_F = self.b_enc
-        if self.cfg.apply_b_dec_to_input:
-            bias_F = bias_F - self.b_dec @ self.W_enc
-        return torch.addmm(bias_F, x_BD, self.W_enc)
+        return encoder_pre_acts(x_BD, self.W_enc, self.b_enc,
+                                self.b_dec if self.cfg.apply_b_dec_to_input else None)
 
     def sparse_pre_acts(self, x_BD: Tensor) -> SparsePreActs:
         """π without autograd plus a sparse backward for the entries later selected."""

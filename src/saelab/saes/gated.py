@@ -26,11 +26,11 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from saelab.saes._gated_kernel import GatedEncode, encoder_input, gate
+from saelab.saes._gated_kernel import GatedEncode, gate
 from saelab.saes.base import SAE, LossOutput
 from saelab.saes.jumprelu import JumpReLUSAE
 from saelab.saes.registry import register
-from saelab.saes.sparse import SparsePreActs, sample_density, sparse_code_density
+from saelab.saes.sparse import SparsePreActs, encoder_pre_acts, train_on_sparse_code
 
 
 @dataclass
@@ -87,36 +87,37 @@ class GatedSAE(SAE):
         # The Heaviside gate passes no gradient: W_gate/b_gate learn only from L1 and aux.
         sub = bool(self.cfg.apply_b_dec_to_input)
         with torch.no_grad():
-            h_BF = encoder_input(x_BD, self.W_enc, self.b_dec if sub else None)
+            h_BF = encoder_pre_acts(x_BD, self.W_enc, None, self.b_dec if sub else None)
             gate_BF = gate(h_BF, self.b_gate)
-            below = sparse_code_density(gate_BF, self.sparse_density)
-            sparse = below > 0 and sample_density(gate_BF) < below
-        if sparse:
-            return self._loss_sparse(x_BD, step, h_BF, gate_BF)
-        f_BF, gate_BF = GatedEncode.apply(x_BD, self.W_enc, self.b_dec, self.b_gate, self.r_mag,
-                                          self.b_mag, sub, h_BF, gate_BF)
-        recon_BD = self.decode(f_BF)
-        mse = (recon_BD - x_BD).pow(2).sum(-1).mean()
-
-        if self.cfg.variant == "paper":
-            sparsity = gate_BF.sum(-1).mean()
-            aux_recon_BD = gate_BF @ self.W_dec.detach() + self.b_dec.detach()
+        # paper: aux decodes through a frozen decoder, plain L1; april: neither
+        paper = self.cfg.variant == "paper"
+        W_aux, b_aux = ((self.W_dec.detach(), self.b_dec.detach()) if paper
+                        else (self.W_dec, self.b_dec))
+        if train_on_sparse_code(gate_BF, self.sparse_density):
+            recon_BD, sparsity, aux_recon_BD, f_BF, fired_F, l0 = self._terms_sparse(
+                x_BD, h_BF, gate_BF, W_aux, b_aux)
         else:
-            sparsity = (gate_BF @ self.W_dec.norm(dim=1)).mean()
-            aux_recon_BD = self.decode(gate_BF)
+            f_BF, gate_BF = GatedEncode.apply(x_BD, self.W_enc, self.b_dec, self.b_gate,
+                                              self.r_mag, self.b_mag, sub, h_BF, gate_BF)
+            recon_BD = self.decode(f_BF)
+            sparsity = (gate_BF.sum(-1) if paper else gate_BF @ self.W_dec.norm(dim=1)).mean()
+            aux_recon_BD = gate_BF @ W_aux + b_aux
+            # f ≥ 0: "fired" is one column-max pass (the tracker's generic |f| > 0 test is three)
+            fired_F, l0 = self.fired_dense(f_BF, nonneg=True), None
+        mse = (recon_BD - x_BD).pow(2).sum(-1).mean()
         aux = (aux_recon_BD - x_BD).pow(2).sum(-1).mean()
-
         lam = self.cfg.l1_coefficient * self.sparsity_scale(step)
         total = mse + lam * sparsity + aux
-        # f ≥ 0, so "fired" is one column-max pass (the tracker's generic |f| > 0 test is three)
         return LossOutput(total, {"mse": mse, "l1": sparsity, "aux": aux}, f_BF, recon_BD,
-                          fired_F=self.fired_dense(f_BF, nonneg=True))
+                          fired_F=fired_F, l0=l0)
 
-    def _loss_sparse(self, x_BD: Tensor, step: int, h_BF: Tensor, gate_BF: Tensor) -> LossOutput:
-        """:meth:`loss` once few gates are open: every term lives on the N entries with
-        ``π_gate > 0`` (``f`` is 0 elsewhere and so are the gradients of ``f`` and ``ReLU(π_gate)``),
-        so decoding and every gradient are sparse (``saes/sparse.py``), not [B, F] × D GEMMs.
-        Same values and gradients as the dense path (tested in float64)."""
+    def _terms_sparse(self, x_BD: Tensor, h_BF: Tensor, gate_BF: Tensor, W_aux: Tensor,
+                      b_aux: Tensor) -> tuple:
+        """:meth:`loss`'s terms once few gates are open: every term lives on the N entries with
+        ``π_gate > 0`` (``f`` is 0 elsewhere and so are the gradients of ``f`` and
+        ``ReLU(π_gate)``), so decoding and every gradient are sparse (``saes/sparse.py``), not
+        [B, F] × D GEMMs. Same values and gradients as the dense path (tested in float64).
+        No dense code is built (``latents`` None; ``fired`` and ``l0`` from the sparse one)."""
         B = x_BD.shape[0]
         pre = SparsePreActs(x_BD, self.W_enc, None,
                             self.b_dec if self.cfg.apply_b_dec_to_input else None, dense=h_BF)
@@ -125,19 +126,11 @@ class GatedSAE(SAE):
         gate_N = torch.relu(h_N + self.b_gate[idx])
         f_N = torch.relu(torch.addcmul(self.b_mag[idx], h_N, self.r_mag.exp()[idx]))
         recon_BD = code._replace(vals=f_N).decode(self.W_dec) + self.b_dec
-        mse = (recon_BD - x_BD).pow(2).sum(-1).mean()
-        if self.cfg.variant == "paper":
-            sparsity = gate_N.sum() / B
-            aux_recon_BD = code._replace(vals=gate_N).decode(self.W_dec.detach()) + self.b_dec.detach()
-        else:
-            sparsity = (gate_N * self.W_dec.norm(dim=1)[idx]).sum() / B
-            aux_recon_BD = code._replace(vals=gate_N).decode(self.W_dec) + self.b_dec
-        aux = (aux_recon_BD - x_BD).pow(2).sum(-1).mean()
-        lam = self.cfg.l1_coefficient * self.sparsity_scale(step)
-        total = mse + lam * sparsity + aux
+        l1_N = gate_N if self.cfg.variant == "paper" else gate_N * self.W_dec.norm(dim=1)[idx]
+        aux_recon_BD = code._replace(vals=gate_N).decode(W_aux) + b_aux
         f_code = code._replace(vals=f_N.detach())
-        return LossOutput(total, {"mse": mse, "l1": sparsity, "aux": aux}, None, recon_BD,
-                          fired_F=self.fired_latents(f_code), l0=f_code.l0(B))
+        return (recon_BD, l1_N.sum() / B, aux_recon_BD, None, self.fired_latents(f_code),
+                f_code.l0(B))
 
     def bias_names(self) -> tuple[str, ...]:
         return ("b_dec", "b_gate", "b_mag")

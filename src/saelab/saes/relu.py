@@ -19,10 +19,10 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from saelab.saes._relu_kernel import ReLUTrain, relu_code
+from saelab.saes._relu_kernel import ReLUTrain
 from saelab.saes.base import SAE, LossOutput
 from saelab.saes.registry import register
-from saelab.saes.sparse import SparsePreActs, sample_density, sparse_code_density
+from saelab.saes.sparse import SparsePreActs, encoder_pre_acts, train_on_sparse_code
 
 
 @dataclass
@@ -76,11 +76,10 @@ class ReLUSAE(SAE):
     def loss(self, x_BD: Tensor, step: int, **_: Tensor | None) -> LossOutput:
         sub = bool(self.cfg.apply_b_dec_to_input)
         with torch.no_grad():
-            f_BF = relu_code(x_BD, self.W_enc, self.b_enc, self.b_dec if sub else None)
-            below = sparse_code_density(f_BF, self.sparse_density)
-            sparse = below > 0 and sample_density(f_BF) < below
+            f_BF = encoder_pre_acts(x_BD, self.W_enc, self.b_enc,
+                                    self.b_dec if sub else None).relu_()
         B = x_BD.shape[0]
-        if sparse:
+        if train_on_sparse_code(f_BF, self.sparse_density):
             # few latents active: decode and every gradient over the N active entries only
             # (saes/sparse.py), not [B, F] × D GEMMs; same values and gradients
             pre = SparsePreActs(x_BD, self.W_enc, self.b_enc, self.b_dec if sub else None,

@@ -277,6 +277,19 @@ class _DeadColumnsDecode(torch.autograd.Function):
         return None, dx, dW_enc, d_benc, d_bdec, dW_dec, None, None
 
 
+def encoder_pre_acts(x_BD: Tensor, W_enc_DF: Tensor, b_enc_F: Tensor | None = None,
+                     b_dec_D: Tensor | None = None) -> Tensor:
+    """``π = (x − b_dec) W_enc + b_enc`` as one GEMM with the folded bias ``b_enc − b_dec W_enc``
+    (no ``[B, D]`` subtraction, no extra ``[B, F]`` pass); a None bias is left out."""
+    bias_F = b_enc_F
+    if b_dec_D is not None:
+        shift_F = b_dec_D @ W_enc_DF
+        bias_F = -shift_F if bias_F is None else bias_F - shift_F
+    if bias_F is None:
+        return x_BD @ W_enc_DF
+    return torch.addmm(bias_F, x_BD, W_enc_DF)
+
+
 class SparsePreActs:
     """Encoder pre-activations ``π = (x − b_dec) W_enc + b_enc`` for sparse training.
 
@@ -294,14 +307,7 @@ class SparsePreActs:
             self.dense = dense
             return
         with torch.no_grad():
-            bias_F = b_enc_F if b_enc_F is not None else None
-            if b_dec_D is not None:
-                shift_F = b_dec_D @ W_enc_DF
-                bias_F = -shift_F if bias_F is None else bias_F - shift_F
-            if bias_F is None:
-                self.dense = x_BD @ W_enc_DF
-            else:
-                self.dense = torch.addmm(bias_F, x_BD, W_enc_DF)
+            self.dense = encoder_pre_acts(x_BD, W_enc_DF, b_enc_F, b_dec_D)
 
     @property
     def shape(self) -> torch.Size:
@@ -408,6 +414,13 @@ def sample_density(v_BF: Tensor, rows: int = 512) -> float:
     enough to choose a training path, at a fraction of a full counting pass."""
     v = v_BF[::max(1, v_BF.shape[0] // rows)]
     return int(torch.count_nonzero(v)) / max(1, v.numel())
+
+
+def train_on_sparse_code(code_BF: Tensor, override: float | None = None) -> bool:
+    """Whether an L1 family's step should take its sparse path: the code's sampled density
+    (:func:`sample_density`) is below :func:`sparse_code_density` (no sync when that is 0)."""
+    below = sparse_code_density(code_BF, override)
+    return below > 0 and sample_density(code_BF) < below
 
 
 def sparse_code_density(code_BF: Tensor, override: float | None = None) -> float:
